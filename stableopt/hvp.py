@@ -1,0 +1,225 @@
+"""Hessian-vector products of a user's loss by double backward through a reused gradient graph.
+
+``make_hvp`` evaluates the loss once, builds the gradient graph (``create_graph=True``) and
+returns a function v ↦ H·v that back-propagates through that graph again for every product:
+about 1.1–1.3 gradients per product on the benchmarks, against ~2.2 for a fresh forward and
+backward per product and ~3.3 for ``torch.func`` forward-over-reverse on CPU (benchmarks/hvp.py).
+With ``batches`` the Hessian is the batch-size-weighted mean of the per-batch Hessians, and each
+product runs one forward and double backward per batch (memory of one batch at a time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["HVP", "batch_size", "hessian_vector_product", "make_hvp"]
+
+LossFn = Callable[..., Tensor]
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples in a batch: the leading dimension of its first tensor.
+
+    Tensors, (nested) tuples/lists and dicts are searched in order.
+
+    >>> batch_size((torch.zeros(5, 3), torch.zeros(5)))
+    5
+    """
+    if isinstance(batch, Tensor):
+        if batch.dim() == 0:
+            raise ValueError("batches: a batch tensor must have a leading batch dimension, got a 0-dim tensor")
+        return int(batch.shape[0])
+    items: Iterable[Any] = ()
+    if isinstance(batch, dict):
+        items = batch.values()
+    elif isinstance(batch, (tuple, list)):
+        items = batch
+    for item in items:
+        try:
+            return batch_size(item)
+        except TypeError:
+            continue
+    raise TypeError(
+        "batches: cannot tell the size of a batch of type "
+        f"{type(batch).__name__}; expected a tensor, or a tuple/list/dict holding one"
+    )
+
+
+def _check_loss(loss: Any, where: str) -> Tensor:
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} ({where})")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"loss_fn must return a scalar tensor, got shape {tuple(loss.shape)} ({where}); "
+            "reduce it, e.g. with .mean()"
+        )
+    if loss.is_complex() or not loss.is_floating_point():
+        raise TypeError(f"loss_fn must return a real floating-point tensor, got {loss.dtype} ({where})")
+    if not loss.requires_grad:
+        raise ValueError(
+            "loss_fn's loss does not depend on the optimizer's parameters (it does not require "
+            f"grad) ({where}); compute it from the model inside loss_fn, with grad enabled"
+        )
+    return loss.reshape(())
+
+
+def _gradients(loss: Tensor, params: Sequence[Tensor], where: str) -> list[Tensor | None]:
+    grads = list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
+    if all(g is None for g in grads):
+        raise ValueError(
+            "loss_fn's loss does not depend on any of the optimizer's parameters "
+            f"({where}); is loss_fn using the model this optimizer was built for?"
+        )
+    for g in grads:
+        if g is not None and g.is_sparse:
+            raise TypeError(
+                "sparse gradients are not supported by Hessian-vector products "
+                "(nn.Embedding(sparse=True)?); use dense gradients"
+            )
+    return grads
+
+
+def _double_backward(
+    grads: Sequence[Tensor | None], params: Sequence[Tensor], vectors: Sequence[Tensor]
+) -> list[Tensor | None]:
+    idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    if not idx:  # the loss is linear in every parameter: H = 0
+        return [None] * len(params)
+    out = torch.autograd.grad(
+        [grads[i] for i in idx],
+        params,
+        grad_outputs=[vectors[i].to(grads[i].dtype) for i in idx],
+        retain_graph=True,
+        allow_unused=True,
+    )
+    return list(out)
+
+
+@dataclass
+class HVP:
+    """v ↦ H·v for a fixed loss; built by :func:`make_hvp`.
+
+    Attributes:
+        loss: the loss value at the current parameters (a detached float tensor).
+        calls: how many products have been computed.
+    """
+
+    params: list[Tensor]
+    loss: Tensor
+    calls: int
+    _apply: Callable[[Sequence[Tensor]], list[Tensor | None]]
+
+    def __call__(self, vectors: Sequence[Tensor]) -> list[Tensor]:
+        """H·v for ``vectors`` shaped like ``params``; unused parameters give zeros."""
+        if len(vectors) != len(self.params):
+            raise ValueError(f"expected {len(self.params)} vectors, one per parameter, got {len(vectors)}")
+        self.calls += 1
+        out = self._apply(vectors)
+        return [
+            torch.zeros_like(v) if o is None else o.to(v.dtype) for o, v in zip(out, vectors)
+        ]
+
+
+def make_hvp(
+    loss_fn: LossFn,
+    params: Sequence[Tensor],
+    *,
+    batches: Iterable[Any] | None = None,
+    before_forward: Callable[[], None] | None = None,
+) -> HVP:
+    """Build v ↦ H·v for ``loss_fn`` at the current ``params`` (double backward).
+
+    Args:
+        loss_fn: ``loss_fn()`` (or ``loss_fn(batch)`` with ``batches``) returns the scalar loss
+            computed from ``params``.
+        params: the tensors to differentiate with respect to (``requires_grad=True``).
+        batches: optional re-iterable of batches; the Hessian is then the mean of the per-batch
+            Hessians weighted by :func:`batch_size` (the full-data Hessian when ``loss_fn``
+            returns per-batch means).
+        before_forward: called before every evaluation of ``loss_fn`` (the sharpness module uses
+            it to replay the same dropout masks in every product).
+
+    The gradient graph of a single loss is built once and reused, and nothing is written to
+    ``p.grad``.
+
+    >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+    >>> hvp = make_hvp(lambda: (w ** 3).sum(), [w])
+    >>> hvp([torch.tensor([1.0, 1.0])])[0]   # H = diag(6w)
+    tensor([ 6., 12.])
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    params = list(params)
+    for p in params:
+        if not p.requires_grad:
+            raise ValueError("make_hvp: every parameter must have requires_grad=True")
+    call = before_forward or (lambda: None)
+
+    if batches is None:
+        with torch.enable_grad():
+            call()
+            loss = _check_loss(loss_fn(), "loss_fn()")
+            grads = _gradients(loss, params, "loss_fn()")
+
+        def apply(vectors: Sequence[Tensor]) -> list[Tensor | None]:
+            with torch.enable_grad():
+                return _double_backward(grads, params, vectors)
+
+        return HVP(params, loss.detach(), 0, apply)
+
+    if iter(batches) is batches:  # type: ignore[comparison-overlap]
+        raise TypeError(
+            "batches must be re-iterable (a list, tuple or DataLoader); got a one-shot "
+            f"iterator of type {type(batches).__name__}: wrap it in list(...)"
+        )
+    sizes = [batch_size(b) for b in batches]
+    total = sum(sizes)
+    if total <= 0:
+        raise ValueError(f"batches must hold at least one sample, got {len(sizes)} batches with {total} samples")
+    weights = [n / total for n in sizes]
+
+    losses = []
+    with torch.enable_grad():
+        call()
+        for i, batch in enumerate(batches):
+            loss = _check_loss(loss_fn(batch), f"loss_fn(batches[{i}])")
+            losses.append(loss.detach() * weights[i])
+    total_loss = torch.stack(losses).sum()
+
+    def apply_batches(vectors: Sequence[Tensor]) -> list[Tensor | None]:
+        acc: list[Tensor | None] = [None] * len(params)
+        with torch.enable_grad():
+            call()
+            for i, batch in enumerate(batches):
+                loss = _check_loss(loss_fn(batch), f"loss_fn(batches[{i}])")
+                grads = _gradients(loss, params, f"loss_fn(batches[{i}])")
+                out = _double_backward(grads, params, vectors)
+                del grads, loss
+                for j, o in enumerate(out):
+                    if o is None:
+                        continue
+                    o = o * weights[i]
+                    acc[j] = o if acc[j] is None else acc[j].add_(o)
+        return acc
+
+    return HVP(params, total_loss, 0, apply_batches)
+
+
+def hessian_vector_product(
+    loss_fn: LossFn,
+    params: Sequence[Tensor],
+    vectors: Sequence[Tensor],
+    *,
+    batches: Iterable[Any] | None = None,
+) -> list[Tensor]:
+    """One product H·v (see :func:`make_hvp` to compute many at the cost of one graph).
+
+    >>> x = torch.tensor(3.0, requires_grad=True)
+    >>> hessian_vector_product(lambda: x ** 4, [x], [torch.tensor(1.0)])
+    [tensor(108.)]
+    """
+    return make_hvp(loss_fn, params, batches=batches)(vectors)

@@ -1,0 +1,330 @@
+"""Drop-in ``torch.optim`` subclasses that can measure their own edge of stability.
+
+Each class is the torch optimizer of the same name plus :class:`StabilityMixin`; the update maths
+is never rewritten, so with no measurement taken ``step()`` is torch's step bit for bit and
+``state_dict()`` is interchangeable with the torch class in both directions.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from . import preconditioner as _pre
+from . import thresholds as _thr
+from .sharpness import SharpnessGroup, SharpnessReport, estimate_sharpness
+
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "StabilityMixin"]
+
+PreconditionerFn = Callable[[Tensor, Mapping[str, Any], Mapping[str, Any]], Tensor]
+
+#: Seed of the private generator that draws cold Lanczos start vectors: measurements are
+#: reproducible and never touch the global RNG.
+START_VECTOR_SEED = 20220729  # arXiv:2207.14484 submission date
+
+
+def _float(x: Any) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+class StabilityMixin:
+    """Adds ``preconditioner()``, ``stability_threshold()`` and ``sharpness()`` to an optimizer.
+
+    Subclasses name their preconditioner function and implement :meth:`_group_threshold` and
+    :meth:`_coupled_weight_decay` from the table in SCIENCE.md.
+    """
+
+    _preconditioner_fn: PreconditionerFn
+    param_groups: list[dict[str, Any]]
+    state: Any
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        torch_cls = next(c for c in cls.__mro__ if c.__module__.startswith("torch.optim"))
+        base_step = torch_cls.step
+        while getattr(base_step, "hooked", False):  # torch's hook-running wrapper, see below
+            base_step = base_step.__wrapped__
+        cls._torch_step = base_step
+
+        def __init__(self: StabilityMixin, *args: Any, **kw: Any) -> None:
+            torch_cls.__init__(self, *args, **kw)
+            self._stableopt_init()
+
+        __init__.__signature__ = inspect.signature(torch_cls.__init__)  # type: ignore[attr-defined]
+        __init__.__doc__ = f"Same arguments and defaults as :class:`torch.optim.{torch_cls.__name__}`."
+        __init__.__qualname__ = f"{cls.__name__}.__init__"
+        cls.__init__ = __init__  # type: ignore[method-assign]
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _stableopt_init(self) -> None:
+        self._stableopt_step = 0
+        self._stableopt_measurements = 0
+        self._stableopt_warm: dict[str, Tensor] = {}
+        #: per-group multiplier applied to ``group["lr"]`` inside ``step()`` only (the guard's)
+        self._stableopt_lr_scale: list[float] | None = None
+        self._stableopt_measurement_hooks: dict[int, Callable[[Any, SharpnessReport], None]] = {}
+        #: named components (history, guard, ...) whose ``state_dict()``/``load_state_dict()``
+        #: travel inside the optimizer's state dict under the "stableopt" key
+        self._stableopt_components: dict[str, Any] = {}
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """torch's ``step()``, with any lr scale (the guard's) applied to this step only.
+
+        torch wraps ``cls.step`` once with the code that runs step pre/post hooks; this method is
+        that ``cls.step`` and calls torch's *unwrapped* step, so hooks run exactly once, around
+        the whole step, and see ``group["lr"]`` as the scheduler left it.
+        """
+        scale = self._stableopt_lr_scale
+        if scale is None:
+            loss = self._torch_step(closure)
+        else:
+            saved = [group["lr"] for group in self.param_groups]
+            try:
+                for group, lr, f in zip(self.param_groups, saved, scale):
+                    if f != 1.0:
+                        group["lr"] = lr * f if not isinstance(lr, Tensor) else lr.mul(f)
+                loss = self._torch_step(closure)
+            finally:
+                for group, lr in zip(self.param_groups, saved):
+                    group["lr"] = lr
+        self._stableopt_step += 1
+        return loss
+
+    def effective_lr(self) -> list[float]:
+        """The learning rate each param group's ``step()`` really uses (scheduler × guard)."""
+        scale = self._stableopt_lr_scale or [1.0] * len(self.param_groups)
+        return [_float(group["lr"]) * f for group, f in zip(self.param_groups, scale)]
+
+    def register_measurement_hook(self, hook: Callable[[Any, SharpnessReport], None]) -> RemovableHandle:
+        """Call ``hook(optimizer, report)`` after every ``sharpness()`` measurement.
+
+        Monitors, the history and the guard listen here. Returns a handle with ``.remove()``.
+        """
+        handle = RemovableHandle(self._stableopt_measurement_hooks)
+        self._stableopt_measurement_hooks[handle.id] = hook
+        return handle
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus a ``"stableopt"`` entry (step count, warm-start vectors,
+        components). torch's ``load_state_dict`` ignores the extra entry, so the dict still
+        loads into the torch class."""
+        sd = super().state_dict()  # type: ignore[misc]
+        sd["stableopt"] = {
+            "step": self._stableopt_step,
+            "measurements": self._stableopt_measurements,
+            "warm": {k: v.clone() for k, v in self._stableopt_warm.items()},
+            "lr_scale": None if self._stableopt_lr_scale is None else list(self._stableopt_lr_scale),
+            "components": {k: c.state_dict() for k, c in self._stableopt_components.items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a stableopt or a plain torch state dict (then the step count comes from
+        torch's per-parameter ``step`` where there is one, and there is no warm start)."""
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        extra = state_dict.get("stableopt")
+        if extra is None:
+            self._stableopt_step = self._step_from_state()
+            self._stableopt_warm = {}
+            self._stableopt_lr_scale = None
+            return
+        self._stableopt_step = int(extra["step"])
+        self._stableopt_measurements = int(extra.get("measurements", 0))
+        self._stableopt_warm = {k: v.clone() for k, v in extra.get("warm", {}).items()}
+        scale = extra.get("lr_scale")
+        self._stableopt_lr_scale = None if scale is None else [float(f) for f in scale]
+        for name, sub in extra.get("components", {}).items():
+            if name in self._stableopt_components:
+                self._stableopt_components[name].load_state_dict(sub)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        if "_stableopt_step" not in self.__dict__:  # unpickled: torch pickles only its own state
+            self._stableopt_init()
+            self._stableopt_step = self._step_from_state()
+
+    def _step_from_state(self) -> int:
+        steps = [_float(s["step"]) for s in self.state.values() if "step" in s]
+        return int(max(steps)) if steps else 0
+
+    @property
+    def steps_taken(self) -> int:
+        """Number of ``step()`` calls so far (restored by ``load_state_dict``)."""
+        return self._stableopt_step
+
+    # -- the rule ----------------------------------------------------------------------------
+    def _group_threshold(self, group: Mapping[str, Any], lr: float) -> float:
+        """The threshold of ``group`` when its step uses learning rate ``lr``."""
+        raise NotImplementedError
+
+    def _coupled_weight_decay(self, group: Mapping[str, Any]) -> float:
+        return _float(group.get("weight_decay", 0.0))
+
+    def preconditioner(self) -> list[Tensor]:
+        """The diagonal P that the last step divided the gradient by, one tensor per parameter.
+
+        In param-group order. A parameter the optimizer has never updated (no gradient yet)
+        gets ``inf`` (P⁻¹ = 0: it does not move).
+
+        Raises:
+            RuntimeError: before the first ``step()``.
+        """
+        if self._stableopt_step == 0 and not any(self.state.values()):
+            raise RuntimeError(
+                f"{type(self).__name__}.preconditioner() is defined by the optimizer state of the "
+                "last step; call step() first"
+            )
+        return [
+            type(self)._preconditioner_fn(p, self.state.get(p, {}), group)
+            for group in self.param_groups
+            for p in group["params"]
+        ]
+
+    def stability_threshold(self) -> list[float]:
+        """The stability threshold on λ_max(P⁻¹H) of each param group (SCIENCE.md table).
+
+        >>> opt = Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        >>> [round(t) for t in opt.stability_threshold()]
+        [38000]
+        """
+        return [self._group_threshold(group, lr) for group, lr in zip(self.param_groups, self.effective_lr())]
+
+    def _sharpness_groups(self) -> list[SharpnessGroup]:
+        if self._stableopt_step == 0 and self._needs_state:
+            raise RuntimeError(
+                f"{type(self).__name__}.sharpness() pairs the Hessian with the preconditioner of "
+                "the last step; call step() first"
+            )
+        groups = []
+        for group, lr in zip(self.param_groups, self.effective_lr()):
+            params = [p for p in group["params"] if p.requires_grad]
+            groups.append(
+                SharpnessGroup(
+                    params=params,
+                    preconditioner=[
+                        type(self)._preconditioner_fn(p, self.state.get(p, {}), group) for p in params
+                    ],
+                    threshold=self._group_threshold(group, lr),
+                    sign=-1.0 if group.get("maximize", False) else 1.0,
+                    weight_decay=self._coupled_weight_decay(group),
+                )
+            )
+        return groups
+
+    _needs_state = True
+
+    def sharpness(
+        self,
+        loss_fn: Callable[..., Tensor],
+        *,
+        batches: Iterable[Any] | None = None,
+        raw: bool = False,
+        k: int = 1,
+        tol: float = 1e-3,
+        max_iters: int | None = None,
+    ) -> SharpnessReport:
+        """Measure λ_max(P⁻¹H), the edge ratio and optionally λ_max(H) at the current parameters.
+
+        Lanczos on P^{-1/2}·H·P^{-1/2} with Hessian-vector products by double backward through a
+        reused gradient graph, warm-started from the previous measurement's top Ritz vectors.
+        Parameters, ``.grad``, optimizer state, RNG streams and module buffers are left exactly
+        as they were.
+
+        Args:
+            loss_fn: ``loss_fn()`` returns the scalar loss through the model whose parameters
+                this optimizer holds; with ``batches``, ``loss_fn(batch)`` per batch.
+            batches: re-iterable of batches; the Hessian is the batch-size-weighted mean.
+            raw: also measure λ_max(H) (one more Lanczos solve).
+            k: how many top eigenvalues of P⁻¹H to report.
+            tol: relative accuracy of each eigenvalue (rigorous Ritz-residual bound).
+            max_iters: Lanczos steps per solve (default min(#parameters, 100)).
+
+        Returns:
+            A :class:`~stableopt.SharpnessReport`.
+
+        Raises:
+            RuntimeError: an adaptive optimizer before its first ``step()``.
+            TypeError / ValueError: bad ``loss_fn`` results or arguments (the message says which).
+        """
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 < tol < 1.0:
+            raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
+        if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1):
+            raise ValueError(f"max_iters must be None or a positive integer, got {max_iters!r}")
+        if not isinstance(raw, bool):
+            raise TypeError(f"raw must be a bool, got {type(raw).__name__}")
+        groups = self._sharpness_groups()
+        generator = torch.Generator().manual_seed(START_VECTOR_SEED + self._stableopt_measurements)
+        self._stableopt_measurements += 1
+        report = estimate_sharpness(
+            loss_fn, groups, batches=batches, raw=raw, k=k, tol=tol, max_iters=max_iters,
+            step=self._stableopt_step, generator=generator, warm=self._stableopt_warm,
+        )
+        for hook in list(self._stableopt_measurement_hooks.values()):
+            hook(self, report)
+        return report
+
+
+class Adam(StabilityMixin, torch.optim.Adam):
+    """``torch.optim.Adam`` that knows its edge: P = √v̂ + ε, threshold (2 + 2β1)/((1 − β1)η).
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = Adam(model.parameters(), lr=1e-2)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> loss_fn = lambda: ((model(x) - y) ** 2).mean()
+        >>> loss_fn().backward(); opt.step()
+        >>> report = opt.sharpness(loss_fn)
+        >>> round(report.threshold, 6)
+        3800.0
+    """
+
+    _preconditioner_fn = staticmethod(_pre.adam_preconditioner)
+
+    def _decoupled(self, group: Mapping[str, Any]) -> bool:
+        return bool(group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW)))
+
+    def _group_threshold(self, group: Mapping[str, Any], lr: float) -> float:
+        return _thr.adam_threshold(
+            lr, _float(group["betas"][0]),
+            weight_decay=_float(group["weight_decay"]), decoupled=self._decoupled(group),
+        )
+
+    def _coupled_weight_decay(self, group: Mapping[str, Any]) -> float:
+        return 0.0 if self._decoupled(group) else _float(group["weight_decay"])
+
+
+class AdamW(Adam, torch.optim.AdamW):
+    """``torch.optim.AdamW`` that knows its edge: threshold (1 + β1)(2 − ηλ)/((1 − β1)η)."""
+
+
+class RMSprop(StabilityMixin, torch.optim.RMSprop):
+    """``torch.optim.RMSprop`` that knows its edge: P = √v + ε, threshold 2/η ((2 + 2μ)/η)."""
+
+    _preconditioner_fn = staticmethod(_pre.rmsprop_preconditioner)
+
+    def _group_threshold(self, group: Mapping[str, Any], lr: float) -> float:
+        return _thr.rmsprop_threshold(lr, _float(group["momentum"]))
+
+
+class SGD(StabilityMixin, torch.optim.SGD):
+    """``torch.optim.SGD`` that knows its edge: P = I, threshold 2/η or its momentum variant.
+
+    Unlike the adaptive optimizers, ``sharpness()`` works before the first step (P = I).
+    """
+
+    _preconditioner_fn = staticmethod(_pre.identity_preconditioner)
+    _needs_state = False
+
+    def _group_threshold(self, group: Mapping[str, Any], lr: float) -> float:
+        return _thr.sgd_threshold(
+            lr, _float(group["momentum"]), _float(group["dampening"]),
+            bool(group["nesterov"]),
+        )
