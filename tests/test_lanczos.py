@@ -1,0 +1,117 @@
+"""stableopt.eigen.lanczos against torch.linalg.eigvalsh on dense symmetric matrices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stableopt.eigen import lanczos
+
+
+def _matrix(eigenvalues, seed=0):
+    n = len(eigenvalues)
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return Q @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ Q.T
+
+
+SPECTRA = {
+    "positive definite": torch.linspace(0.01, 10.0, 200),
+    "indefinite, largest magnitude negative": torch.cat([torch.linspace(-30.0, -1.0, 100), torch.linspace(0.0, 5.0, 100)]),
+    "clustered top (λ2/λ1 = 0.999)": torch.cat([torch.tensor([10.0, 9.99, 9.98]), torch.rand(197, generator=torch.Generator().manual_seed(3)) * 9]),
+    "negative definite": -torch.linspace(1.0, 4.0, 150),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("k", [1, 3])
+def test_lanczos_matches_eigvalsh(name, k):
+    A = _matrix(SPECTRA[name])
+    ref = torch.linalg.eigvalsh(A).flip(0)[:k]
+    res = lanczos(lambda x: A @ x, n=A.shape[0], k=k, tol=1e-10, max_iters=A.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-9, atol=1e-9)
+    # the largest *algebraic* eigenvalue, not the largest in magnitude
+    assert res.eigenvalues[0] == pytest.approx(float(SPECTRA[name].max()), rel=1e-8, abs=1e-8)
+    # Ritz vectors (signs fixed first) are eigenvectors
+    for theta, x in zip(res.eigenvalues, res.eigenvectors):
+        assert torch.linalg.vector_norm(A @ x - theta * x) <= 1e-8 * max(1.0, abs(float(theta)))
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-4, 1e-6])
+def test_residual_bound_guarantees_relative_accuracy(tol):
+    A = _matrix(SPECTRA["positive definite"], seed=4)
+    lam = float(torch.linalg.eigvalsh(A)[-1])
+    res = lanczos(lambda x: A @ x, n=200, tol=tol, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert res.converged
+    assert res.residuals[0] <= tol
+    assert abs(float(res.eigenvalues[0]) - lam) <= tol * lam
+    assert res.matvecs < 200
+
+
+def test_converges_with_more_iterations():
+    A = _matrix(SPECTRA["indefinite, largest magnitude negative"], seed=5)
+    lam = float(torch.linalg.eigvalsh(A)[-1])
+    errors = []
+    for iters in (5, 15, 40):
+        res = lanczos(lambda x: A @ x, n=200, tol=1e-14, max_iters=iters, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        assert res.matvecs == iters and not res.converged
+        errors.append(abs(float(res.eigenvalues[0]) - lam))
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_warm_start_needs_fewer_matvecs_on_a_slowly_changing_matrix():
+    base = _matrix(torch.cat([torch.tensor([5.0, 4.7]), torch.linspace(-2.0, 4.0, 298)]), seed=6)
+    E = _matrix(torch.linspace(-1, 1, 300), seed=7)
+    cold_total = warm_total = 0
+    prev = None
+    for t in range(1, 8):
+        A = base + 0.01 * t * E
+        ref = float(torch.linalg.eigvalsh(A)[-1])
+        gen = torch.Generator().manual_seed(t)
+        cold = lanczos(lambda x: A @ x, n=300, tol=1e-6, generator=gen, dtype=torch.float64)
+        warm = lanczos(lambda x: A @ x, prev if prev is not None else None, n=300, tol=1e-6, generator=gen, dtype=torch.float64, min_iters=2)
+        prev = warm.eigenvectors[0]
+        assert abs(float(warm.eigenvalues[0]) - ref) <= 1e-6 * abs(ref)
+        assert abs(float(cold.eigenvalues[0]) - ref) <= 1e-6 * abs(ref)
+        if t > 1:
+            cold_total += cold.matvecs
+            warm_total += warm.matvecs
+    assert warm_total < 0.6 * cold_total
+
+
+def test_invariant_start_vector_restarts_and_still_finds_the_top():
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=torch.float64))
+    v0 = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # an eigenvector of a low eigenvalue
+    res = lanczos(lambda x: A @ x, v0, k=1, tol=1e-10, min_iters=4, generator=torch.Generator().manual_seed(0))
+    assert res.eigenvalues[0] == pytest.approx(10.0)
+
+
+def test_non_finite_matvec_is_reported_not_raised():
+    res = lanczos(lambda x: x * float("nan"), n=5, generator=torch.Generator().manual_seed(0))
+    assert not res.finite and not res.converged and torch.isnan(res.eigenvalues).all()
+
+
+def test_start_vector_comes_from_the_generator_not_the_global_rng():
+    A = _matrix(torch.linspace(0, 1, 50))
+    state = torch.get_rng_state()
+    a = lanczos(lambda x: A @ x, n=50, max_iters=3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    b = lanczos(lambda x: A @ x, n=50, max_iters=3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.eigenvalues, b.eigenvalues)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,pattern",
+    [
+        (dict(n=3), ValueError, "needs a start vector v0, or n and a torch.Generator"),
+        (dict(n=3, k=0, generator=torch.Generator()), ValueError, "k must be a positive integer, got 0"),
+        (dict(n=3, tol=0.0, generator=torch.Generator()), ValueError, r"tol must be a number in \(0, 1\), got 0.0"),
+        (dict(n=3, bound="abs", generator=torch.Generator()), ValueError, "bound must be 'residual' or 'gap'"),
+        (dict(v0=torch.zeros(2, 2)), ValueError, "v0 must be a 1-D tensor"),
+        (dict(v0=torch.ones(3), n=4), ValueError, "n=4 does not match v0 of length 3"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        lanczos(lambda x: x, **kwargs)
