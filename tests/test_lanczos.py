@@ -115,3 +115,15 @@ def test_start_vector_comes_from_the_generator_not_the_global_rng():
 def test_bad_arguments(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
         lanczos(lambda x: x, **kwargs)
+
+
+def test_full_reorthogonalisation_prevents_ghost_copies_of_a_converged_eigenvalue():
+    # an isolated top eigenvalue converges in a few steps; without reorthogonalisation the basis
+    # loses orthogonality and Lanczos produces spurious copies of it among the top k
+    spectrum = torch.cat([torch.tensor([100.0]), torch.linspace(0.0, 10.0, 299)])
+    A = _matrix(spectrum, seed=8)
+    ref = torch.linalg.eigvalsh(A).flip(0)[:4]
+    res = lanczos(lambda x: A @ x, n=300, k=4, tol=1e-12, max_iters=150, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-8, atol=1e-8)
+    gram = res.eigenvectors @ res.eigenvectors.T
+    torch.testing.assert_close(gram, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-8)
