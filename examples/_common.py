@@ -138,12 +138,6 @@ def window(history: "stableopt.History", name: str, start: int, stop: int | None
     return values[keep]
 
 
-def at(history: "stableopt.History", name: str, step: int) -> float:
-    """The value of ``name`` at the measurement closest to ``step``."""
-    steps = history.column("step")
-    return float(history.column(name)[int(np.argmin(np.abs(steps - step)))])
-
-
 # -- verdicts ---------------------------------------------------------------------------------
 class Claims:
     """Checks of the claim an example demonstrates; ``exit()`` returns 1 if any failed."""

@@ -51,7 +51,12 @@ LR, BETA1 = 1e-3, 0.9
 
 
 class FrozenPreconditionerAdam(stableopt.SGD):
-    """θ ← θ − η·m̂/P₀: SGD with momentum = dampening = β1 on P₀⁻¹g, P₀ fixed by :meth:`freeze`."""
+    """θ ← θ − η·m̂/P₀: SGD with momentum = dampening = β1 on P₀⁻¹g, P₀ fixed by :meth:`freeze`.
+
+    ``step()`` divides ``p.grad`` by P₀ in place before torch's SGD step; the preconditioner the
+    sharpness measurements pair with H is P₀, and the threshold is SGD's with dampening,
+    (2 + 2β1)/((1 − β1)η) = 38/η.
+    """
 
     _needs_state = True  # no preconditioner before freeze()
 
