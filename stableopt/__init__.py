@@ -5,9 +5,15 @@ Replace ``torch.optim.Adam`` with ``stableopt.Adam`` and nothing changes until y
 ratio to the stability threshold of the update rule (Cohen et al. 2022, arXiv:2207.14484).
 """
 
+from . import distributed
 from .eigen import LanczosResult, lanczos
+from .guard import LRGuard
+from .history import GuardEvent, History
 from .hvp import hessian_vector_product, make_hvp
+from .monitor import Monitor
 from .optimizers import SGD, Adam, AdamW, RMSprop, StabilityMixin
+from .plot import plot_history
+from .report import render_report
 from .sharpness import SharpnessGroup, SharpnessReport, estimate_sharpness
 from .thresholds import (
     adam_threshold,
@@ -24,13 +30,18 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamW",
+    "GuardEvent",
+    "History",
+    "LRGuard",
     "LanczosResult",
+    "Monitor",
     "RMSprop",
     "SharpnessGroup",
     "SharpnessReport",
     "StabilityMixin",
     "__version__",
     "adam_threshold",
+    "distributed",
     "estimate_sharpness",
     "gd_threshold",
     "hessian_vector_product",
@@ -38,6 +49,8 @@ __all__ = [
     "lanczos",
     "make_hvp",
     "nesterov_threshold",
+    "plot_history",
+    "render_report",
     "rmsprop_threshold",
     "sgd_threshold",
 ]

@@ -1,4 +1,4 @@
-"""The ``stableopt`` command line: ``stableopt demo`` (more commands in later releases)."""
+"""The ``stableopt`` command line: ``stableopt demo`` and ``stableopt report FILE``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .demo import digits_data, run_demo
 
-    console = Console()
+    console = Console(soft_wrap=True)  # plain lines stay whole in logs and pipes
     _, _, source = digits_data()
     console.print(
         f"[bold]stableopt demo[/]: full-batch Adam (lr={args.lr:g}) on {source}, tanh MLP "
@@ -59,6 +59,55 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .history import History
+    from .report import render_saved
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def fail(message: str) -> int:
+        err.print(f"stableopt report: error: {message}", markup=False)
+        return 1
+
+    try:
+        history = History.load(args.file)
+    except ValueError as exc:
+        return fail(str(exc))
+    console = Console()
+    console.print(render_saved(history, args.file))
+    if args.csv:
+        try:
+            _write_csv(history, args.csv)
+        except OSError as exc:
+            return fail(f"cannot write {args.csv}: {exc.strerror or exc}")
+        console.print(f"wrote {args.csv}", highlight=False)
+    if args.plot:
+        from .plot import plot_history
+
+        try:
+            plot_history(history, args.plot)
+        except (ImportError, ValueError) as exc:
+            return fail(str(exc))
+        except OSError as exc:
+            return fail(f"cannot write {args.plot}: {exc.strerror or exc}")
+        console.print(f"wrote {args.plot}", highlight=False)
+    return 0
+
+
+def _write_csv(history: object, path: str) -> None:
+    import csv
+
+    cols = history.to_dict()  # type: ignore[attr-defined]
+    names = list(cols)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(names)
+        for i in range(len(history)):  # type: ignore[arg-type]
+            writer.writerow([repr(float(cols[n][i])) if cols[n].dtype.kind == "f" else int(cols[n][i]) for n in names])
+
+
 class _null:
     def __enter__(self) -> None:
         return None
@@ -76,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     demo.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     demo.set_defaults(func=_demo)
+    report = sub.add_parser("report", help="print the report of a saved history (opt.history.save) and optionally plot it")
+    report.add_argument("file", metavar="FILE.safetensors", help="a history written by opt.history.save(path)")
+    report.add_argument("--plot", metavar="OUT.png", help="write a Figure-1-style plot (needs matplotlib)")
+    report.add_argument("--csv", metavar="OUT.csv", help="write the measurements as CSV")
+    report.set_defaults(func=_report)
     return parser
 
 

@@ -106,12 +106,15 @@ class HVP:
     Attributes:
         loss: the loss value at the current parameters (a detached float tensor).
         calls: how many products have been computed.
+        samples: the number of samples in ``batches`` (None when built without batches).
     """
 
     params: list[Tensor]
     loss: Tensor
     calls: int
     _apply: Callable[[Sequence[Tensor]], list[Tensor | None]]
+    #: samples in ``batches`` (None without batches: unknown); weights ranks in distributed runs
+    samples: int | None = None
 
     def __call__(self, vectors: Sequence[Tensor]) -> list[Tensor]:
         """H·v for ``vectors`` shaped like ``params``; unused parameters give zeros."""
@@ -171,7 +174,14 @@ def make_hvp(
 
         return HVP(params, loss.detach(), 0, apply)
 
-    if iter(batches) is batches:  # type: ignore[comparison-overlap]
+    try:
+        first_iter = iter(batches)
+    except TypeError:
+        raise TypeError(
+            "batches must be a re-iterable of batches (a list, tuple or DataLoader), got "
+            f"{type(batches).__name__}"
+        ) from None
+    if first_iter is batches:  # type: ignore[comparison-overlap]
         raise TypeError(
             "batches must be re-iterable (a list, tuple or DataLoader); got a one-shot "
             f"iterator of type {type(batches).__name__}: wrap it in list(...)"
@@ -206,7 +216,7 @@ def make_hvp(
                     acc[j] = o if acc[j] is None else acc[j].add_(o)
         return acc
 
-    return HVP(params, total_loss, 0, apply_batches)
+    return HVP(params, total_loss, 0, apply_batches, samples=total)
 
 
 def hessian_vector_product(

@@ -8,6 +8,7 @@ is never rewritten, so with no measurement taken ``step()`` is torch's step bit 
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -16,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import preconditioner as _pre
 from . import thresholds as _thr
+from .guard import LRGuard
 from .sharpness import SharpnessGroup, SharpnessReport, estimate_sharpness
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "StabilityMixin"]
@@ -50,12 +52,24 @@ class StabilityMixin:
             base_step = base_step.__wrapped__
         cls._torch_step = base_step
 
-        def __init__(self: StabilityMixin, *args: Any, **kw: Any) -> None:
+        def __init__(self: StabilityMixin, *args: Any, guard: bool | LRGuard | None = None, **kw: Any) -> None:
             torch_cls.__init__(self, *args, **kw)
             self._stableopt_init()
+            self._stableopt_set_guard(guard)
 
-        __init__.__signature__ = inspect.signature(torch_cls.__init__)  # type: ignore[attr-defined]
-        __init__.__doc__ = f"Same arguments and defaults as :class:`torch.optim.{torch_cls.__name__}`."
+        # torch's signature plus one keyword-only ``guard`` (off by default)
+        signature = inspect.signature(torch_cls.__init__)
+        guard_param = inspect.Parameter(
+            "guard", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=bool | LRGuard | None
+        )
+        __init__.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[*signature.parameters.values(), guard_param]
+        )
+        __init__.__doc__ = (
+            f"Same arguments and defaults as :class:`torch.optim.{torch_cls.__name__}`, plus "
+            "``guard``: ``True`` or a :class:`stableopt.LRGuard` scales the lr when the measured "
+            "edge ratio runs above the edge (off by default; see :mod:`stableopt.guard`)."
+        )
         __init__.__qualname__ = f"{cls.__name__}.__init__"
         cls.__init__ = __init__  # type: ignore[method-assign]
 
@@ -66,10 +80,32 @@ class StabilityMixin:
         self._stableopt_warm: dict[str, Tensor] = {}
         #: per-group multiplier applied to ``group["lr"]`` inside ``step()`` only (the guard's)
         self._stableopt_lr_scale: list[float] | None = None
-        self._stableopt_measurement_hooks: dict[int, Callable[[Any, SharpnessReport], None]] = {}
+        self._stableopt_measurement_hooks: OrderedDict[int, Callable[[Any, SharpnessReport], None]] = OrderedDict()
         #: named components (history, guard, ...) whose ``state_dict()``/``load_state_dict()``
         #: travel inside the optimizer's state dict under the "stableopt" key
         self._stableopt_components: dict[str, Any] = {}
+        from .history import History
+        from .monitor import MonitorSet
+
+        self._stableopt_history = History(self)
+        self.register_measurement_hook(self._stableopt_history.record)
+        self._stableopt_components["history"] = self._stableopt_history
+        self._stableopt_components["monitors"] = MonitorSet(self)
+
+    #: the :class:`~stableopt.LRGuard` attached by ``guard=``, or None
+    guard: LRGuard | None = None
+
+    def _stableopt_set_guard(self, guard: bool | LRGuard | None) -> None:
+        if guard is None or guard is False:
+            return
+        if guard is True:
+            guard = LRGuard()
+        elif not isinstance(guard, LRGuard):
+            raise TypeError(
+                f"guard must be None, a bool or a stableopt.LRGuard, got {type(guard).__name__}; "
+                "e.g. guard=True or guard=stableopt.LRGuard(trigger=1.5)"
+            )
+        self.guard = guard.bind(self)
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         """torch's ``step()``, with any lr scale (the guard's) applied to this step only.
@@ -96,7 +132,8 @@ class StabilityMixin:
 
     def effective_lr(self) -> list[float]:
         """The learning rate each param group's ``step()`` really uses (scheduler × guard)."""
-        scale = self._stableopt_lr_scale or [1.0] * len(self.param_groups)
+        scale = list(self._stableopt_lr_scale or [])
+        scale += [1.0] * (len(self.param_groups) - len(scale))  # groups added after the guard acted
         return [_float(group["lr"]) * f for group, f in zip(self.param_groups, scale)]
 
     def register_measurement_hook(self, hook: Callable[[Any, SharpnessReport], None]) -> RemovableHandle:
@@ -131,15 +168,22 @@ class StabilityMixin:
             self._stableopt_step = self._step_from_state()
             self._stableopt_warm = {}
             self._stableopt_lr_scale = None
+            for component in self._stableopt_components.values():  # a torch state dict:
+                if hasattr(component, "reset"):  # the history starts empty
+                    component.reset()
             return
         self._stableopt_step = int(extra["step"])
         self._stableopt_measurements = int(extra.get("measurements", 0))
         self._stableopt_warm = {k: v.clone() for k, v in extra.get("warm", {}).items()}
         scale = extra.get("lr_scale")
         self._stableopt_lr_scale = None if scale is None else [float(f) for f in scale]
-        for name, sub in extra.get("components", {}).items():
+        saved = extra.get("components", {})
+        for name, sub in saved.items():
             if name in self._stableopt_components:
                 self._stableopt_components[name].load_state_dict(sub)
+        for name, component in self._stableopt_components.items():
+            if name not in saved and hasattr(component, "reset"):  # e.g. a dict saved before
+                component.reset()  # the history existed: start empty, not with stale rows
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]
@@ -155,6 +199,48 @@ class StabilityMixin:
     def steps_taken(self) -> int:
         """Number of ``step()`` calls so far (restored by ``load_state_dict``)."""
         return self._stableopt_step
+
+    # -- monitoring (stableopt.monitor, stableopt.history, stableopt.report) --------------------
+    @property
+    def history(self) -> Any:
+        """Every measurement so far, manual or scheduled: a :class:`stableopt.History`."""
+        return self._stableopt_history
+
+    def monitor(
+        self,
+        loss_fn: Callable[..., Tensor],
+        *,
+        every: int | None = None,
+        batches: Iterable[Any] | None = None,
+        raw: bool | None = None,
+        k: int | None = None,
+        tol: float | None = None,
+        max_iters: int | None = None,
+        live: bool = False,
+        secant: bool | None = None,
+        console: Any = None,
+    ) -> Any:
+        """Measure ``sharpness(loss_fn, ...)`` after every ``every``-th ``step()``.
+
+        Uses a torch step post hook; measurements land in :attr:`history`. ``every``, ``raw``,
+        ``k`` and ``tol`` default to 1, False, 1 and 1e-3, or, right after ``load_state_dict``
+        of a checkpoint that had monitors, to that checkpoint's schedule. ``live=True`` shows a
+        rich panel on a terminal (plain lines otherwise, to ``console`` if given);
+        ``secant=True`` records the per-step secant estimate (:mod:`stableopt.monitor`).
+
+        Returns:
+            A :class:`stableopt.monitor.Monitor` handle with ``.remove()``.
+        """
+        return self._stableopt_components["monitors"].add(
+            loss_fn, every=every, batches=batches, raw=raw, k=k, tol=tol, max_iters=max_iters,
+            live=live, secant=secant, console=console,
+        )
+
+    def report(self, console: Any = None) -> None:
+        """Print the rich report panel of :attr:`history` (see :func:`stableopt.render_report`)."""
+        from .report import print_report
+
+        print_report(self._stableopt_history, console=console)
 
     # -- the rule ----------------------------------------------------------------------------
     def _group_threshold(self, group: Mapping[str, Any], lr: float) -> float:

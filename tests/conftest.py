@@ -6,6 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+# The suite's models are tiny: one intra-op thread is fastest, and avoids oversubscribing a
+# 2-core CI machine (several threads per process made small HVPs ~20x slower under load).
+torch.set_num_threads(1)
+
 
 def make_model(activation: type[nn.Module] = nn.Tanh, dtype: torch.dtype = torch.float64, seed: int = 0, widths=(5, 7, 3)) -> nn.Sequential:
     g = torch.Generator().manual_seed(seed)

@@ -14,7 +14,7 @@ from stableopt.cli import main
 def test_demo_prints_the_climb_to_the_edge(capsys):
     assert main(["demo", "--steps", "400", "--every", "100"]) == 0
     out = capsys.readouterr().out
-    ratios = [float(m) for m in re.findall(r"ratio\s+([0-9.]+)", out)]
+    ratios = [float(m) for m in re.findall(r"^step .*ratio\s+([0-9.]+)", out, flags=re.M)]
     assert len(ratios) == 4
     assert ratios == sorted(ratios) and ratios[-1] > 0.9  # progressive sharpening to the edge
 

@@ -1,0 +1,128 @@
+"""Render the measured numbers in ``results/*.json`` as the Markdown tables of README.md.
+
+``python benchmarks/summarize.py [--quick]`` rewrites the part of README.md between the
+``<!-- results -->`` markers (full results by default, the ``-quick`` files with --quick).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+QUICK = "--quick" in sys.argv
+
+
+def load(name):
+    p = HERE / "results" / (f"{name}-quick.json" if QUICK else f"{name}.json")
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def fmt_targets(lines, data, name):
+    for t in (data or {}).get("targets", []):
+        lines.append(f"| {'PASS' if t['pass'] else '**MISS**'} | {name} | {t['target']} | {t['value']:.4g} | {t['limit']:g} |")
+
+
+def main() -> None:
+    L = []
+    env = None
+    names = ["step_overhead", "hvp", "sharpness", "peers", "end_to_end"]
+    data = {n: load(n) for n in names}
+    for d in data.values():
+        if d:
+            env = d["environment"]
+            break
+    if env:
+        L.append(f"Measured {env['time_utc']} on {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, "
+                 f"Python {env['python']}, {env['torch_threads']} intra-op thread(s), clock: {env.get('clock')}, "
+                 f"load average {tuple(round(x, 1) for x in env.get('load_average_1_5_15') or ())}; peers {env['peers']}.")
+        L.append("")
+    L += ["| verdict | benchmark | target | measured | limit |", "|---|---|---|---:|---:|"]
+    for n in names:
+        fmt_targets(L, data[n], n)
+    L.append("")
+    h = data["hvp"]
+    if h:
+        L += ["**HVP route** (time of one product in gradients, same batch; peak resident MB above baseline):", "",
+              "| problem | params | gradient ms | reused graph | new forward per HVP | torch.func jvp(grad) | graph build | peak MB grad / reuse / fresh / func |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in h["rows"]:
+            x, m = r["x_gradient"], r["peak_bytes"]
+            L.append(f"| {r['problem']} | {r['n_params']} | {r['seconds']['grad']*1e3:.1f} | {x['reuse']:.2f} | {x['fresh']:.2f} | "
+                     f"{x['func']:.2f} | {x['reuse_build']:.2f} | {m['grad']/1e6:.1f} / {m['reuse_incl_graph']/1e6:.1f} / "
+                     f"{m['fresh']/1e6:.1f} / {m['func']/1e6:.1f} |")
+        L.append("")
+    s = data["sharpness"]
+    if s:
+        L += [f"**Stopping rules, cold** ({s['problem']}, {s['n_params']} params; reference λ_max(P⁻¹H) = "
+              f"{s['reference_preconditioned'][0]:.6g}, λ2/λ1 = {s['reference_preconditioned'][1]/s['reference_preconditioned'][0]:.3f}; "
+              f"λ_max(H) = {s['reference_raw'][0]:.6g}, λ2/λ1 = {s['reference_raw'][1]/s['reference_raw'][0]:.3f}):", "",
+              "| quantity | rule | tol | HVPs | seconds | relative error |", "|---|---|---:|---|---|---|"]
+        groups = {}
+        for r in s["cold"]:
+            groups.setdefault((r["quantity"], r["bound"], r["tol"]), []).append(r)
+        for (q, b, t), rs in groups.items():
+            hv = ", ".join(str(r["hvps"]) for r in rs)
+            secs = ", ".join("%.2f" % r["seconds"] for r in rs)
+            errs = ", ".join("%.1e" % r["rel_error"] for r in rs)
+            L.append(f"| {q} | {b} | {t:g} | {hv} | {secs} | {errs} |")
+        L += ["", "**Warm starts along Adam training** (every estimate checked against a cold tol-1e-5 solve):", "",
+              "| rule | mean HVPs | mean seconds | worst relative error |", "|---|---:|---:|---:|"]
+        for b, v in s["warm_summary"].items():
+            L.append(f"| {b} | {v['warm_mean_hvps']:.1f} | {v['warm_mean_seconds']:.3f} | {v['warm_max_error']:.1e} |")
+        L += ["", "**Memory** (MB; extra = peak above the level with model, data, grads and Adam state held):", "",
+              "| problem | training step extra | cold measurement extra | warm measurement extra | resident training state | in-use ratio |",
+              "|---|---:|---:|---:|---:|---:|"]
+        for m in s["memory"]:
+            L.append(f"| {m['problem']} | {m['train_step_extra']/1e6:.1f} | {m['cold_measurement_extra']/1e6:.1f} | "
+                     f"{m['warm_measurement_extra']/1e6:.1f} | {m['resident_training_state']/1e6:.1f} | {m['ratio_in_use']:.2f} |")
+        L.append("")
+    p = data["peers"]
+    if p:
+        L += [f"**Peers** ({p['problem']} at Adam step {p['step']}, clock {p['clock']}; each peer's settings grid, "
+              "✓ = reached 1e-3):", "", "| quantity | tool | setting | HVPs | seconds | relative error |", "|---|---|---|---:|---:|---:|"]
+        for q in ("preconditioned", "raw"):
+            e = p[q]
+            for r in e["peers"]:
+                if "value" not in r:
+                    L.append(f"| {q} | {r['tool']} | skipped: {r['skipped']} | | | |")
+                    continue
+                ok = "✓" if r["rel_error"] <= 1e-3 else ""
+                L.append(f"| {q} | {r['tool']} | {r['setting']} | {r['hvps']} | {r['seconds']:.3f} | {r['rel_error']:.1e} {ok} |")
+            for c in e["stableopt_cold"]:
+                L.append(f"| {q} | **stableopt cold** | defaults (tol=1e-3) | {c['hvps']} | {c['seconds']:.3f} | {c['rel_error']:.1e} |")
+            if "stableopt_warm" in e:
+                w = e["stableopt_warm"]
+                hv = ", ".join(map(str, w["hvps"]))
+                secs = ", ".join("%.3f" % x for x in w["seconds"])
+                L.append(f"| {q} | **stableopt warm** | every 5 steps | {hv} | {secs} | {w['last_rel_error']:.1e} (last) |")
+        L.append("")
+    s = data["step_overhead"]
+    if s:
+        L += ["**Step overhead** (stableopt / torch.optim step time, min over interleaved rounds):", "",
+              "| problem | optimizer | plain | monitor not due | guard on |", "|---|---|---:|---:|---:|"]
+        rows = {}
+        for r in s["rows"]:
+            rows.setdefault((r["problem"], r["optimizer"]), {})[r["variant"]] = r["ratio"]
+        for (pb, o), v in rows.items():
+            L.append(f"| {pb} | {o} | {v.get('plain', float('nan')):.3f} | {v.get('monitor-not-due', float('nan')):.3f} | {v.get('guard', float('nan')):.3f} |")
+        L.append("")
+    e = data["end_to_end"]
+    if e:
+        L += [f"**End to end** ({e['problem']}, full-batch Adam; monitor via "
+              f"{'opt.monitor' if e['has_monitor'] else 'opt.sharpness by hand'}):", "",
+              "| monitor every | steps | measurements | overhead |", "|---:|---:|---:|---:|"]
+        for r in e["rows"]:
+            L.append(f"| {r['every']} | {r['steps']} | {r['measurements']} | {r['overhead']*100:+.1f}% |")
+        L.append("")
+    text = "\n".join(L)
+    readme = HERE / "README.md"
+    body = readme.read_text() if readme.exists() else "<!-- results -->\n<!-- /results -->\n"
+    a, b = body.index("<!-- results -->"), body.index("<!-- /results -->")
+    readme.write_text(body[: a + len("<!-- results -->")] + "\n" + text + "\n" + body[b:])
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

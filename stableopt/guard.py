@@ -1,0 +1,403 @@
+"""The learning-rate guard: a per-group lr factor that reacts to the measured edge ratio.
+
+:class:`LRGuard` is pure policy. It listens to every sharpness measurement of the optimizer it is
+attached to (``stableopt.Adam(..., guard=True)``), and when the dimensionless ratio
+(λ_max(P⁻¹H) over the stability threshold, 1 = the edge; see SCIENCE.md) crosses a trigger it
+lowers a multiplicative factor on the learning rate of the param groups. The factor lives next to
+``group["lr"]``, never in it: the optimizer multiplies ``group["lr"]`` by the factor inside
+``step()`` and restores it in a ``finally`` block, so any torch lr scheduler keeps owning
+``group["lr"]`` and scheduler and guard compose as the product of the two.
+
+Why the rule is linear in the ratio: every threshold in the SCIENCE.md table is ∝ 1/η (Adam
+(2+2β1)/((1−β1)η), RMSprop and SGD 2/η or their momentum variants; AdamW's (1+β1)(2−ηλ)/((1−β1)η)
+up to the tiny ηλ term), while the preconditioned Hessian P⁻¹H does not contain η. At fixed
+parameters and preconditioner the ratio is therefore proportional to the effective learning
+rate, and multiplying the factor by ``target / ratio`` puts the ratio exactly on ``target``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import astuple
+from typing import Any, Callable, Iterable
+
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+# One event type for the guard, the history and the report (step, group, old/new factor, ratio,
+# reason). Reasons written by the guard: "cut" (ratio above the trigger), "relax" (back toward
+# 1 after the ratio stayed below the recovery level), "raise" (mode="edge", factor above 1).
+from .history import GuardEvent
+
+__all__ = ["GuardEvent", "LRGuard"]
+
+#: Bias-correction transient of Adam in units of 1/(1 − β1) (SCIENCE.md caveat: the first
+#: ~3/(1−β1) steps behave like preconditioned GD, threshold 2/η at step 1). After 3/(1−β1) steps
+#: β1ᵗ < e⁻³ ≈ 0.05, so the bias-corrected momentum is within 5% of the EMA the long-run
+#: threshold assumes.
+ADAM_TRANSIENT = 3.0
+
+_MODES = ("protect", "edge")
+
+
+def _check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"LRGuard: {name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"LRGuard: {name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _check_tol(tol: Any) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 < tol < 1.0:
+        raise ValueError(f"LRGuard: tol must be a number in (0, 1), got {tol!r}")
+    return float(tol)
+
+
+def _check_count(name: str, value: Any, *, allow_none: bool, minimum: int) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"LRGuard: {name} must be an int{' or None' if allow_none else ''}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"LRGuard: {name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+class LRGuard:
+    """Keeps training from running away above its edge of stability by scaling the lr.
+
+    The guard acts on every measurement of the optimizer it is attached to — one taken by a
+    monitor, by a manual ``opt.sharpness(loss_fn)`` call, or by the guard itself when
+    ``every`` is set — and on nothing else. With ratio ρ (1 = the edge) and per-group factor f:
+
+    * **cut** — ρ > ``trigger``: f ← max(``floor``, f · ``target``/ρ). The ratio is ∝ the
+      effective lr (module docstring), so this puts the measured state back at ``target``.
+    * **relax** — ρ < ``recovery`` for ``patience`` measurements in a row:
+      f ← min(``cap``, f · min(``relax_rate``, ``target``/ρ)). Gradual (at most ×``relax_rate``
+      per action) and never past what would put the ratio above ``target``.
+    * nothing otherwise. A measurement whose ratio is not finite, or that did not converge,
+      never changes the factor (and restarts the recovery count: the guard never raises the lr
+      across a failed measurement).
+
+    Defaults and why:
+
+    * ``trigger=1.2``: the central-flows picture (SCIENCE.md) is that training *at* the edge is
+      normal and acts as an implicit regulariser; holding the ratio below 1 slows training. So
+      the guard ignores the hovering at 1 and reacts to excursions above it. Runs at the edge
+      read up to 1.12 (RMSprop and GD on the SCIENCE.md problem), and Adam's ratio measured
+      every step there is a sawtooth between ≈ 0.85 and 1.06 at lr 1e-3 as at 1e-1 (it climbs
+      past 1, a small loss spike grows v, it drops), hence 1.2 and not 1.0 or 1.05: a trigger
+      inside the normal band ratchets the lr down at every cycle, because at the edge the
+      ratio returns to ≈ 1 whatever the lr (self-stabilisation).
+    * ``target=0.9`` (``mode="protect"``): land a little below the edge so that the next
+      measurement is not an immediate second cut; progressive sharpening brings the run back to
+      the edge at the new lr.
+    * ``recovery=0.7``, ``patience=3``, ``relax_rate=1.25``: the lr comes back only when the
+      run has clearly left the edge (sharpness fell, e.g. after a catapult) for several
+      measurements, and then by at most 25% per measurement, so a cut is undone over a few
+      measurements instead of re-creating the instability in one jump.
+    * ``floor=0.01``: the guard corrects excursions, it does not replace choosing an lr; at the
+      floor it warns once (the lr is ≥ 100× too large or the problem is not at an edge).
+    * ``cap=1.0`` in ``mode="protect"``: the guard never trains faster than the user asked.
+
+    ``mode="edge"`` (train at the edge on purpose) steers ρ toward ``target`` (default 1.0) from
+    both sides: the same cut above ``trigger``, and with ``recovery=0.9``, ``patience=1`` it
+    raises the factor whenever ρ < 0.9, up to ``cap`` (default 10).
+
+    **Param groups.** A measurement gives one ratio for the whole model (the ratio of
+    λ_max(D^{1/2}HD^{1/2}) with per-group D, SCIENCE.md). The guard does not apportion it among
+    groups: every action multiplies the factor of *every* group by the same amount (each clipped
+    to its own floor and cap), which scales D uniformly and so moves the ratio exactly as
+    computed. Each group keeps its own factor and gets its own event.
+
+    **Adam's bias-correction transient.** During the first ~3/(1−β1) steps (30 at β1 = 0.9)
+    Adam's bias-corrected momentum is not yet the EMA the 38/η threshold assumes (at step 1 the
+    update is preconditioned GD, threshold 2/η), so a ratio against the long-run threshold is
+    not a stability verdict there. The guard deliberately *ignores* measurements taken before
+    step ``warmup`` (default ⌈3/(1−β1)⌉ for groups with ``betas``, the largest over groups;
+    0 for RMSprop and SGD). This is safe because Adam's per-coordinate step is bounded (about η for
+    steady gradients) in that window, so no runaway can build up, and a state that is truly above the long-run edge
+    is still above it at the first measurement after the transient. Ignored measurements are
+    counted in ``skipped``.
+
+    **Schedulers.** The factor multiplies whatever ``group["lr"]`` is when ``step()`` runs;
+    ``group["lr"]`` itself is never written, so StepLR, CosineAnnealingLR, OneCycleLR,
+    ReduceLROnPlateau... see exactly the values they would see without the guard, and
+    ``opt.effective_lr()`` is scheduler lr × factor. Since the measured ratio already uses the
+    effective lr, a scheduler decay that moves the run away from the edge shows up as a low ratio.
+
+    **Own measurements.** With ``every=N`` the guard measures after every N-th ``step()`` (a
+    torch step post-hook); it needs the loss: ``opt.guard.attach(loss_fn)`` (or pass
+    ``loss_fn=`` here). Without ``every`` it only reacts to measurements that something else
+    takes (``opt.sharpness(...)`` or ``opt.monitor(...)``); using both doubles the cost.
+
+    Args:
+        mode: ``"protect"`` (default) or ``"edge"``.
+        trigger: cut when the ratio exceeds this (> ``target``).
+        target: where a change puts the ratio (default 0.9, or 1.0 with ``mode="edge"``).
+        recovery: ratio below which measurements count toward relaxing (< ``target``; default
+            0.7, or 0.9 with ``mode="edge"``).
+        patience: consecutive measurements below ``recovery`` before each relax (default 3,
+            or 1 with ``mode="edge"``).
+        relax_rate: the largest multiplicative increase of a factor per action (> 1).
+        floor: smallest factor (0 < floor ≤ 1).
+        cap: largest factor: 1.0 with ``mode="protect"`` (may not be changed), default 10 with
+            ``mode="edge"``.
+        warmup: ignore measurements taken before this step (default: Adam's transient, above).
+        every: measure after every ``every``-th step (None: only react to others' measurements).
+        loss_fn, batches, tol, max_iters: passed to ``opt.sharpness`` for the guard's own
+            measurements (see :meth:`attach`). ``tol`` defaults to 1e-2, not ``sharpness``'s
+            1e-3: the policy compares the ratio with levels 10–30% apart, and the looser
+            tolerance needs about 2.5× fewer Hessian-vector products per measurement.
+
+    Example:
+        >>> import torch, stableopt
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        >>> loss_fn = lambda: 0.5 * (100.0 * w[0] ** 2 + w[1] ** 2)  # λ_max(H) = 100
+        >>> opt = stableopt.SGD([w], lr=0.03, guard=True)  # threshold 2/0.03 ≈ 67 < 100
+        >>> loss_fn().backward(); opt.step()
+        >>> round(opt.sharpness(loss_fn).ratio, 3)
+        1.5
+        >>> round(opt.guard.factors[0], 3), round(opt.effective_lr()[0], 3)
+        (0.6, 0.018)
+        >>> opt.param_groups[0]["lr"]  # the user's (or the scheduler's) lr is untouched
+        0.03
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str = "protect",
+        trigger: float = 1.2,
+        target: float | None = None,
+        recovery: float | None = None,
+        patience: int | None = None,
+        relax_rate: float = 1.25,
+        floor: float = 0.01,
+        cap: float | None = None,
+        warmup: int | None = None,
+        every: int | None = None,
+        loss_fn: Callable[..., Tensor] | None = None,
+        batches: Iterable[Any] | None = None,
+        tol: float = 1e-2,
+        max_iters: int | None = None,
+    ) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"LRGuard: mode must be one of {_MODES}, got {mode!r}")
+        edge = mode == "edge"
+        self.mode = mode
+        self.trigger = _check_positive("trigger", trigger)
+        self.target = _check_positive("target", 1.0 if edge else 0.9) if target is None else _check_positive("target", target)
+        self.recovery = (0.9 if edge else 0.7) if recovery is None else _check_positive("recovery", recovery)
+        self.patience = (1 if edge else 3) if patience is None else _check_count("patience", patience, allow_none=False, minimum=1)
+        self.relax_rate = _check_positive("relax_rate", relax_rate)
+        self.floor = _check_positive("floor", floor)
+        if cap is not None and not edge and cap != 1.0:
+            raise ValueError(
+                f"LRGuard: cap={cap!r} is only used with mode='edge'; mode='protect' never raises the "
+                "lr above the one you set (cap 1.0). Pass mode='edge' to allow raising it."
+            )
+        self.cap = (10.0 if edge else 1.0) if cap is None else _check_positive("cap", cap)
+        if not self.target < self.trigger:
+            raise ValueError(f"LRGuard: target ({self.target}) must be below trigger ({self.trigger})")
+        if not self.recovery < self.target:
+            raise ValueError(f"LRGuard: recovery ({self.recovery}) must be below target ({self.target})")
+        if self.relax_rate <= 1.0:
+            raise ValueError(f"LRGuard: relax_rate must be > 1, got {relax_rate!r}")
+        if not self.floor <= 1.0 <= self.cap:
+            raise ValueError(f"LRGuard: need floor <= 1 <= cap, got floor={self.floor}, cap={self.cap}")
+        self.warmup = _check_count("warmup", warmup, allow_none=True, minimum=0)
+        self.every = _check_count("every", every, allow_none=True, minimum=1)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"LRGuard: loss_fn must be callable, got {type(loss_fn).__name__}")
+        self._loss_fn = loss_fn
+        self._sharpness_kwargs: dict[str, Any] = {"batches": batches, "tol": _check_tol(tol), "max_iters": max_iters}
+
+        #: every action, in order
+        self.events: list[GuardEvent] = []
+        #: measurements acted on / ignored (transient, non-finite or not converged)
+        self.measurements = 0
+        self.skipped = 0
+        self._below = 0  # consecutive measurements below ``recovery``
+        self._warned_floor = False
+        self._optimizer: Any = None
+        self._handles: list[RemovableHandle] = []
+
+    # -- wiring --------------------------------------------------------------------------
+    def bind(self, optimizer: Any) -> LRGuard:
+        """Attach to a stableopt optimizer (done by its ``guard=`` argument).
+
+        Registers a measurement hook, the guard's state under ``"guard"`` in the optimizer's
+        state dict, and with ``every`` a step post-hook that measures.
+
+        Raises:
+            RuntimeError: the guard is already bound to an optimizer.
+            TypeError: ``optimizer`` is not a stableopt optimizer.
+        """
+        if self._optimizer is not None:
+            raise RuntimeError("LRGuard: this guard is already attached to an optimizer; create one guard per optimizer")
+        if not hasattr(optimizer, "register_measurement_hook"):
+            raise TypeError(f"LRGuard needs a stableopt optimizer (stableopt.Adam, ...), got {type(optimizer).__name__}")
+        self._optimizer = optimizer
+        self._handles.append(optimizer.register_measurement_hook(self._on_measurement))
+        optimizer._stableopt_components["guard"] = self
+        if self.every is not None:
+            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        return self
+
+    def attach(
+        self,
+        loss_fn: Callable[..., Tensor],
+        *,
+        batches: Iterable[Any] | None = None,
+        tol: float | None = None,
+        max_iters: int | None = None,
+    ) -> LRGuard:
+        """Give the guard the loss its own measurements (``every=``) evaluate. Returns self."""
+        if not callable(loss_fn):
+            raise TypeError(f"LRGuard.attach: loss_fn must be callable, got {type(loss_fn).__name__}")
+        self._loss_fn = loss_fn
+        self._sharpness_kwargs["batches"] = batches
+        if tol is not None:
+            self._sharpness_kwargs["tol"] = _check_tol(tol)
+        if max_iters is not None:
+            self._sharpness_kwargs["max_iters"] = max_iters
+        return self
+
+    def remove(self) -> None:
+        """Detach from the optimizer; the factor goes back to 1 (the scheduler's lr)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        opt = self._optimizer
+        if opt is not None:
+            opt._stableopt_components.pop("guard", None)
+            opt._stableopt_lr_scale = None
+            if getattr(opt, "guard", None) is self:
+                opt.guard = None
+        self._optimizer = None
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if optimizer.steps_taken % self.every != 0:  # type: ignore[operator]
+            return
+        if self._loss_fn is None:
+            raise RuntimeError(
+                f"LRGuard(every={self.every}) measures on its own and needs the loss: call "
+                "opt.guard.attach(loss_fn) before training (or pass LRGuard(loss_fn=...))"
+            )
+        optimizer.sharpness(self._loss_fn, **self._sharpness_kwargs)
+
+    # -- policy --------------------------------------------------------------------------
+    @property
+    def factors(self) -> list[float]:
+        """The lr factor of each param group (1.0 = the scheduler's lr unchanged)."""
+        opt = self._optimizer
+        if opt is None:
+            return []
+        scale = opt._stableopt_lr_scale or []
+        return [float(f) for f in scale] + [1.0] * (len(opt.param_groups) - len(scale))
+
+    def warmup_steps(self) -> int:
+        """Measurements before this step are ignored (Adam's bias-correction transient)."""
+        if self.warmup is not None:
+            return self.warmup
+        opt = self._optimizer
+        steps = [
+            math.ceil(ADAM_TRANSIENT / (1.0 - float(g["betas"][0])) - 1e-9)  # 3/0.1 = 30.000000000000004
+            for g in (opt.param_groups if opt is not None else [])
+            if "betas" in g and float(g["betas"][0]) < 1.0
+        ]
+        return max(steps, default=0)
+
+    def _on_measurement(self, optimizer: Any, report: Any) -> None:
+        self.observe(report.ratio, step=report.step, converged=report.converged)
+
+    def observe(self, ratio: float, *, step: int, converged: bool = True) -> list[GuardEvent]:
+        """Apply the policy to one measured ratio; returns the events it caused (maybe none).
+
+        Called by the optimizer after every measurement; call it directly to feed a ratio
+        measured some other way.
+        """
+        if self._optimizer is None:
+            raise RuntimeError("LRGuard.observe: the guard is not attached to an optimizer (pass it as guard= to one)")
+        if step < self.warmup_steps() or not converged or not math.isfinite(ratio):
+            self.skipped += 1
+            if step >= self.warmup_steps():
+                self._below = 0
+            return []
+        self.measurements += 1
+        old = self.factors
+        if ratio > self.trigger:
+            self._below = 0
+            new = [max(self.floor, f * self.target / ratio) for f in old]
+            reason = "cut"
+        elif ratio < self.recovery:
+            self._below += 1
+            if self._below < self.patience:
+                return []
+            self._below = 0
+            up = min(self.relax_rate, self.target / ratio) if ratio > 0 else self.relax_rate
+            new = [max(f, min(self.cap, f * up)) for f in old]
+            reason = "relax"
+        else:
+            self._below = 0
+            return []
+        events = [
+            GuardEvent(step, i, o, n, float(ratio), "raise" if reason == "relax" and n > 1.0 else reason)
+            for i, (o, n) in enumerate(zip(old, new))
+            if n != o
+        ]
+        if not events:
+            return []
+        self._optimizer._stableopt_lr_scale = new
+        self.events.extend(events)
+        history = getattr(self._optimizer, "history", None)
+        if history is not None and hasattr(history, "append_event"):
+            for e in events:
+                history.append_event(e.step, e.group, e.old_factor, e.new_factor, e.ratio, e.reason)
+        if reason == "cut" and not self._warned_floor and any(n <= self.floor for n in new):
+            self._warned_floor = True
+            warnings.warn(
+                f"stableopt LRGuard: the lr factor reached its floor ({self.floor:g}) at step {step} "
+                f"(ratio {ratio:.3g}); the learning rate is far above the edge of stability — lower it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return events
+
+    # -- persistence ---------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget events and counters (the optimizer calls it when it loads a plain torch state
+        dict, which also puts every factor back to 1)."""
+        self.events = []
+        self.measurements = self.skipped = self._below = 0
+        self._warned_floor = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Factors, counters and events (plain Python values)."""
+        return {
+            "factors": self.factors,
+            "measurements": self.measurements,
+            "skipped": self.skipped,
+            "below": self._below,
+            "events": [astuple(e) for e in self.events],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (also sets the optimizer's factors)."""
+        self.measurements = int(state.get("measurements", 0))
+        self.skipped = int(state.get("skipped", 0))
+        self._below = int(state.get("below", 0))
+        self.events = [GuardEvent(int(s), int(g), float(o), float(n), float(r), str(why)) for s, g, o, n, r, why in state.get("events", [])]
+        factors = [float(f) for f in state.get("factors", [])]
+        if self._optimizer is not None:
+            self._optimizer._stableopt_lr_scale = factors if any(f != 1.0 for f in factors) else None
+
+    def __repr__(self) -> str:
+        return (
+            f"LRGuard(mode={self.mode!r}, trigger={self.trigger}, target={self.target}, recovery={self.recovery}, "
+            f"patience={self.patience}, relax_rate={self.relax_rate}, floor={self.floor}, cap={self.cap}, "
+            f"every={self.every}, factors={[round(f, 4) for f in self.factors]})"
+        )

@@ -1,0 +1,341 @@
+"""Scheduled measurements during training: ``opt.monitor(loss_fn, every=N)``.
+
+A monitor is a torch step post hook (``optimizer.register_step_post_hook``): after every
+``step()`` whose step count ``opt.steps_taken`` is a multiple of ``every`` it calls
+``opt.sharpness(...)``, which records the measurement in ``opt.history``. Steps in between cost
+one integer modulo. Several monitors coexist (a cheap frequent one and an occasional one with
+``raw=True``); each returns a :class:`Monitor` handle whose ``remove()`` detaches it. Because the
+schedule is the optimizer's own step count, a run resumed from ``opt.state_dict()`` keeps it.
+
+The secant estimate
+-------------------
+With ``secant=True`` the monitor also records, for every step, the curvature along the update
+the optimizer actually took, from gradients the training loop computes anyway:
+
+    s_t = Δθᵀ(g_t − g_{t−1}) / ΔθᵀPΔθ,     Δθ = θ_t − θ_{t−1},
+
+with P the preconditioner of the step that made Δθ (plus the sign of ``maximize`` and λ‖Δθ‖²
+for coupled weight decay, as in the measured Hessian). ``secant_ratio`` divides by
+Σ_g τ_g·Δθ_gᵀP_gΔθ_g instead, so that 1 is the edge. It is an *estimate*: for a full-batch loss,
+Δg = H̄Δθ with H̄ the Hessian averaged along the step, so s_t is a Rayleigh quotient of P⁻¹H̄
+and a lower bound on λ_max(P⁻¹H) (exact for a quadratic; near the edge the update oscillates
+along the top eigenvector and the bound is tight). With mini-batches g_t and g_{t−1} come from
+different batches and the difference is dominated by gradient noise: the numbers are then not
+curvature and should not be read as such. Steps whose gradients are missing, sparse, computed
+inside a ``step(closure)``, or not one step apart are skipped. It costs two copies of the
+parameters and a few vector operations per step, so it is opt-in.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["Monitor", "MonitorSet", "SecantTracker", "plain_line", "zone"]
+
+#: ratio zones: below the edge (< BELOW), at it ([BELOW, ABOVE]), above it (> ABOVE)
+BELOW, ABOVE = 0.9, 1.1
+
+
+def zone(ratio: float) -> str:
+    """"below", "at" or "above" the edge of stability (or "unknown" for NaN).
+
+    >>> zone(0.5), zone(1.05), zone(1.3)
+    ('below', 'at', 'above')
+    """
+    if not math.isfinite(ratio):
+        return "unknown"
+    return "below" if ratio < BELOW else ("at" if ratio <= ABOVE else "above")
+
+
+def plain_line(report: Any) -> str:
+    """One plain-text line for a measurement (logs without a terminal: no control codes)."""
+    raw = "" if report.raw is None else f" raw={report.raw:.6g}"
+    note = "" if report.converged else " NOT converged"
+    return (
+        f"stableopt step {report.step}: loss={report.loss:.6g} λ_max(P⁻¹H)={report.preconditioned:.6g} "
+        f"threshold={report.threshold:.6g} ratio={report.ratio:.4f} ({zone(report.ratio)} the edge)"
+        f"{raw} [{report.hvps} HVPs, {report.seconds:.3f} s{note}]"
+    )
+
+
+class SecantTracker:
+    """Step pre hook that records the secant estimate (see the module docs) into the history."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self._theta: list[Tensor] | None = None
+        self._grad: list[Tensor] | None = None
+        self._at = -1  # steps_taken when the snapshot was taken
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def __call__(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if len(args) > 1 or kwargs.get("closure") is not None:  # gradients come from inside step()
+            self._theta = self._grad = None
+            return
+        params = self._params()
+        if any(p.grad is None or p.grad.is_sparse for p in params):
+            self._theta = self._grad = None
+            return
+        with torch.no_grad():
+            theta = [p.detach() for p in params]
+            grads = [p.grad.detach() for p in params]  # type: ignore[union-attr]
+            step = optimizer.steps_taken
+            prev_theta, prev_grad = self._theta, self._grad
+            if (
+                prev_theta is not None and prev_grad is not None and self._at == step - 1
+                and len(prev_theta) == len(theta)
+                and all(a.shape == b.shape for a, b in zip(prev_theta, theta))
+            ):
+                self._record(optimizer, step, theta, grads, prev_theta, prev_grad)
+                torch._foreach_copy_(prev_theta, theta)
+                torch._foreach_copy_(prev_grad, grads)  # type: ignore[arg-type]
+            else:
+                self._theta = [t.clone() for t in theta]
+                self._grad = [g.clone() for g in grads]
+            self._at = step
+
+    def _record(self, optimizer: Any, step: int, theta: list[Tensor], grads: list[Tensor], prev_theta: list[Tensor], prev_grad: list[Tensor]) -> None:
+        dtheta = torch._foreach_sub(theta, prev_theta)
+        dgrad = torch._foreach_sub(grads, prev_grad)
+        precond = optimizer.preconditioner()  # P of the step that made Δθ
+        taus = optimizer.stability_threshold()
+        sums = []
+        i = 0
+        for group, tau in zip(optimizer.param_groups, taus):
+            sign = -1.0 if group.get("maximize", False) else 1.0
+            decay = optimizer._coupled_weight_decay(group)
+            for _ in group["params"]:
+                d, dg, P = dtheta[i], dgrad[i], precond[i]
+                sq = d * d
+                num = sign * (d * dg).sum()
+                if decay:
+                    num = num + decay * sq.sum()
+                pden = torch.where(sq > 0, sq * P.to(sq.dtype), torch.zeros_like(sq)).sum()
+                sums.append(torch.stack([num.double(), pden.double(), pden.double() * tau]))
+                i += 1
+        num, den, tden = torch.stack(sums).sum(0).tolist()  # one device sync per step
+        if den > 0 and math.isfinite(den) and math.isfinite(num):
+            optimizer.history.append_secant(step, num / den, num / tden if tden > 0 else math.nan)
+
+
+class _LiveView:
+    """One rich Live panel per optimizer, or plain lines when the console is not a terminal."""
+
+    def __init__(self, history: Any, console: Any = None) -> None:
+        from rich.console import Console
+
+        self.history = history
+        self.console = console if console is not None else Console()
+        self.live: Any = None
+        self._atexit = False
+
+    @property
+    def interactive(self) -> bool:
+        return bool(self.console.is_terminal)
+
+    def measuring(self, step: int) -> None:
+        if not self.interactive:
+            return
+        from rich.console import Group
+        from rich.spinner import Spinner
+
+        from .report import render_report
+
+        if self.live is None:
+            from rich.live import Live
+
+            self.live = Live(console=self.console, refresh_per_second=8, transient=False)
+            self.live.start()
+            if not self._atexit:
+                atexit.register(self.stop)
+                self._atexit = True
+        spinner = Spinner("dots", text=f"measuring λ_max(P⁻¹H) at step {step}…", style="cyan")
+        self.live.update(Group(render_report(self.history), spinner), refresh=True)
+
+    def measured(self, report: Any) -> None:
+        if not self.interactive:
+            self.console.file.write(plain_line(report) + "\n")
+            self.console.file.flush()
+            return
+        from .report import render_report
+
+        if self.live is not None:
+            self.live.update(render_report(self.history), refresh=True)
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+
+class Monitor:
+    """Handle of one scheduled measurement; ``remove()`` detaches it (also on ``with`` exit).
+
+    Attributes:
+        every, raw, k, tol, secant, live: the schedule and its options.
+        id: the value of the history's ``monitor`` column for its measurements.
+        last: the latest :class:`~stableopt.SharpnessReport` it took (None before).
+        fired: the step counts it measured at.
+    """
+
+    def __init__(self, owner: MonitorSet, monitor_id: int, loss_fn: Callable[..., Tensor], *, every: int, batches: Iterable[Any] | None, raw: bool, k: int, tol: float, max_iters: int | None, live: bool, secant: bool) -> None:
+        self._owner = owner
+        self.id = monitor_id
+        self.loss_fn = loss_fn
+        self.every = every
+        self.batches = batches
+        self.raw = raw
+        self.k = k
+        self.tol = tol
+        self.max_iters = max_iters
+        self.live = live
+        self.secant = secant
+        self.last: Any = None
+        self.fired: list[int] = []
+        opt = owner.optimizer
+        self._hooks = [opt.register_step_post_hook(self._after_step)]
+        if secant:
+            owner._secant_users += 1
+            if owner._secant_hook is None:  # one tracker however many monitors ask for it
+                owner._secant_hook = opt.register_step_pre_hook(SecantTracker(opt))
+
+    @property
+    def active(self) -> bool:
+        return self.id in self._owner.monitors
+
+    def schedule(self) -> dict[str, Any]:
+        return {"id": self.id, "every": self.every, "raw": self.raw, "k": self.k, "tol": self.tol, "secant": self.secant, "live": self.live}
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if optimizer._stableopt_step % self.every:
+            return
+        self.measure()
+
+    def measure(self) -> Any:
+        """Measure now (what the schedule does after every ``every``-th step)."""
+        opt = self._owner.optimizer
+        history = opt.history
+        view = self._owner.view if self.live else None
+        if view is not None:
+            view.measuring(opt.steps_taken)
+        previous, history.source = history.source, self.id
+        try:
+            report = opt.sharpness(self.loss_fn, batches=self.batches, raw=self.raw, k=self.k, tol=self.tol, max_iters=self.max_iters)
+        finally:
+            history.source = previous
+        self.last = report
+        self.fired.append(report.step)
+        if view is not None:
+            view.measured(report)
+        return report
+
+    def remove(self) -> None:
+        """Stop measuring (idempotent)."""
+        if not self._hooks:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._owner._removed(self)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"Monitor(id={self.id}, every={self.every}, raw={self.raw}, k={self.k}, secant={self.secant}, {state})"
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class MonitorSet:
+    """The optimizer's monitors; its state dict is their schedules (a resumed run's
+    ``opt.monitor(loss_fn)`` with no ``every``/``raw``/``k``/``tol`` takes them back)."""
+
+    DEFAULTS = {"every": 1, "raw": False, "k": 1, "tol": 1e-3}
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self.monitors: dict[int, Monitor] = {}
+        self.restored: list[dict[str, Any]] = []
+        self._next_id = 0
+        self._view: _LiveView | None = None
+        self.console: Any = None
+        self._secant_users = 0
+        self._secant_hook: Any = None
+
+    @property
+    def view(self) -> _LiveView:
+        if self._view is None:
+            self._view = _LiveView(self.optimizer.history, self.console)
+        return self._view
+
+    def add(self, loss_fn: Callable[..., Tensor], *, every: int | None = None, batches: Iterable[Any] | None = None, raw: bool | None = None, k: int | None = None, tol: float | None = None, max_iters: int | None = None, live: bool = False, secant: bool | None = None, console: Any = None) -> Monitor:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        given = {"every": every, "raw": raw, "k": k, "tol": tol}
+        base = dict(self.DEFAULTS)
+        monitor_id = self._next_id
+        if all(v is None for v in given.values()) and self.restored:
+            schedule = self.restored.pop(0)
+            base.update({key: schedule[key] for key in self.DEFAULTS})
+            if secant is None:
+                secant = bool(schedule.get("secant", False))
+            if schedule.get("id") not in self.monitors:
+                monitor_id = int(schedule.get("id", monitor_id))
+        opts = {key: base[key] if value is None else value for key, value in given.items()}
+        _check_positive_int("every", opts["every"])
+        _check_positive_int("k", opts["k"])
+        if not isinstance(opts["raw"], bool):
+            raise TypeError(f"raw must be a bool, got {type(opts['raw']).__name__}")
+        tol_value = opts["tol"]
+        if isinstance(tol_value, bool) or not isinstance(tol_value, (int, float)) or not 0.0 < tol_value < 1.0:
+            raise ValueError(f"tol must be a number in (0, 1), got {tol_value!r}")
+        if console is not None:
+            if self._view is not None and self._view.console is not console:
+                self._view.stop()
+                self._view = None
+            self.console = console
+        monitor = Monitor(self, monitor_id, loss_fn, batches=batches, max_iters=max_iters, live=bool(live), secant=bool(secant), **opts)
+        self.monitors[monitor.id] = monitor
+        self._next_id = max(self._next_id, monitor_id + 1)
+        return monitor
+
+    def _removed(self, monitor: Monitor) -> None:
+        self.monitors.pop(monitor.id, None)
+        if monitor.secant:
+            self._secant_users -= 1
+            if self._secant_users == 0 and self._secant_hook is not None:
+                self._secant_hook.remove()
+                self._secant_hook = None
+        if self._view is not None and not any(m.live for m in self.monitors.values()):
+            self._view.stop()
+
+    # -- the optimizer's state dict ------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        schedules = [m.schedule() for m in self.monitors.values()] + [dict(s) for s in self.restored]
+        return {"schedules": schedules, "next_id": self._next_id}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if not state:
+            self.reset()
+            return
+        self.restored = [dict(s) for s in state.get("schedules", []) if s.get("id") not in self.monitors]
+        self._next_id = max(self._next_id, int(state.get("next_id", 0)))
+
+    def reset(self) -> None:
+        self.restored = []

@@ -1,0 +1,96 @@
+"""A Figure-1-style plot of a :class:`~stableopt.History` (Cohen et al. 2022, arXiv:2207.14484).
+
+Three panels sharing the step axis: the preconditioned sharpness λ_max(P⁻¹H) with the stability
+threshold, the raw sharpness λ_max(H), and the loss at the measured steps. matplotlib comes with
+the ``examples`` extra (``pip install "stableopt[examples]"``); the figure is drawn on a private
+Agg canvas, so pyplot's global state and backend are left alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["plot_history"]
+
+
+def _matplotlib() -> Any:
+    try:
+        importlib.import_module("matplotlib")  # the package itself, not only cached submodules
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            "stableopt.plot_history needs matplotlib: pip install matplotlib "
+            '(or pip install "stableopt[examples]")'
+        ) from None
+    return Figure, FigureCanvasAgg
+
+
+def plot_history(history: Any, path: str | os.PathLike[str], *, title: str | None = None, dpi: int = 150) -> Any:
+    """Write the figure of ``history`` to ``path`` (format from the suffix: .png, .pdf, .svg).
+
+    Returns the matplotlib ``Figure``.
+
+    Raises:
+        ImportError: matplotlib is not installed (the message says how to install it).
+        ValueError: the history has no measurements.
+    """
+    Figure, FigureCanvasAgg = _matplotlib()
+    cols = history.to_dict()
+    steps = cols["step"]
+    if not len(steps):
+        raise ValueError("the history has no measurements to plot")
+    has_raw = bool(np.isfinite(cols["raw"]).any())
+    panels = 3 if has_raw else 2
+    fig = Figure(figsize=(7.0, 2.1 * panels + 0.5), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(panels, 1, sharex=True)
+
+    def finite(name: str) -> tuple[np.ndarray, np.ndarray]:
+        ok = np.isfinite(cols[name])
+        return steps[ok], cols[name][ok]
+
+    marker = "o" if len(steps) <= 40 else None
+    ax = axes[0]
+    ax.plot(*finite("preconditioned"), color="C0", lw=1.6, marker=marker, ms=3, label=r"$\lambda_{\max}(P^{-1}H)$")
+    ax.plot(*finite("threshold"), color="black", ls="--", lw=1.2, label="threshold")
+    sec = history.secant()
+    if len(sec["secant"]):
+        ax.plot(sec["secant_step"], sec["secant"], color="C0", alpha=0.25, lw=0.6, label="secant estimate (lower bound)")
+    ok = np.isfinite(cols["preconditioned"])
+    top = np.nanmax(np.concatenate([cols["preconditioned"][ok], cols["threshold"][np.isfinite(cols["threshold"])]])) if ok.any() else 1.0
+    ax.set_ylim(0, 1.15 * top)
+    ax.set_ylabel("preconditioned\nsharpness")
+    ax.legend(loc="lower right", fontsize=8, frameon=False)
+
+    if has_raw:
+        ax = axes[1]
+        ax.plot(*finite("raw"), color="C3", lw=1.6, marker="o" if np.isfinite(cols["raw"]).sum() <= 40 else None, ms=3)
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("raw sharpness\n" + r"$\lambda_{\max}(H)$")
+
+    ax = axes[-1]
+    loss_steps, loss = finite("loss")
+    ax.plot(loss_steps, loss, color="C2", lw=1.6)
+    if len(loss) > 1 and np.all(loss > 0):
+        ax.set_yscale("log")
+    ax.set_ylabel("train loss\n(at measurements)")
+    ax.set_xlabel("step")
+
+    for event in history.events():
+        for a in axes:
+            a.axvline(event.step, color="orange", lw=0.8, alpha=0.6)
+    for a in axes:
+        a.grid(alpha=0.25)
+        a.spines[["top", "right"]].set_visible(False)
+    if title is None:
+        name = history.optimizer_name
+        title = f"{name}: the (adaptive) edge of stability" if name != "unknown" else None
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.savefig(os.fspath(path))
+    return fig
