@@ -176,7 +176,10 @@ class StabilityMixin:
         self._stableopt_measurements = int(extra.get("measurements", 0))
         self._stableopt_warm = {k: v.clone() for k, v in extra.get("warm", {}).items()}
         scale = extra.get("lr_scale")
-        self._stableopt_lr_scale = None if scale is None else [float(f) for f in scale]
+        # the scale belongs to a guard: an optimizer built without one trains at the scheduler's
+        # lr rather than keep a cut that nothing would ever relax
+        has_guard = self.guard is not None
+        self._stableopt_lr_scale = None if scale is None or not has_guard else [float(f) for f in scale]
         saved = extra.get("components", {})
         for name, sub in saved.items():
             if name in self._stableopt_components:
@@ -326,7 +329,10 @@ class StabilityMixin:
             batches: re-iterable of batches; the Hessian is the batch-size-weighted mean.
             raw: also measure λ_max(H) (one more Lanczos solve).
             k: how many top eigenvalues of P⁻¹H to report.
-            tol: relative accuracy of each eigenvalue (rigorous Ritz-residual bound).
+            tol: stop when each reported Ritz value θ has relative residual ‖Ax − θx‖/|θ| ≤ tol,
+                which guarantees *an* eigenvalue within tol·|θ| of it (in practice the error is
+                far smaller, ~1e-5 at the default); being the top one relies on the Krylov space
+                having found it, which warm starts protect (see :mod:`stableopt.sharpness`).
             max_iters: Lanczos steps per solve (default min(#parameters, 100)).
 
         Returns:

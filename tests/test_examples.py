@@ -26,6 +26,8 @@ OUTPUTS = {
     "gd_vs_adam.py": ["gd_vs_adam_gd.safetensors", "gd_vs_adam_adam.safetensors", "gd_vs_adam.png"],
     "minibatch.py": ["minibatch_25.safetensors", "minibatch_1000.safetensors", "minibatch.png"],
     "frozen_preconditioner.py": ["frozen_preconditioner_adam.safetensors", "frozen_preconditioner_frozen.safetensors", "frozen_preconditioner.png"],
+    "guard.py": ["guard_lr0.1.safetensors"],
+    "ddp.py": ["ddp.safetensors"],  # spawns 2 gloo processes itself without torchrun
 }
 
 

@@ -401,3 +401,16 @@ def test_bad_guard_argument_and_double_binding():
         LRGuard().observe(2.0, step=1)
     with pytest.raises(TypeError, match="loss_fn must be callable"):
         LRGuard().attach(None)
+
+
+def test_guard_scale_is_not_inherited_by_an_optimizer_without_a_guard():
+    p = nn.Parameter(torch.ones(2))
+    guarded = stableopt.Adam([p], lr=0.1, guard=True)
+    guarded._stableopt_lr_scale = [0.5]  # as after a cut
+    sd = guarded.state_dict()
+    plain = stableopt.Adam([p], lr=0.1)
+    plain.load_state_dict(sd)
+    assert plain.effective_lr() == [0.1]
+    again = stableopt.Adam([p], lr=0.1, guard=True)
+    again.load_state_dict(sd)
+    assert again.effective_lr() == [0.05]
