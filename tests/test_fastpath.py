@@ -18,14 +18,6 @@ import stableopt
 from stableopt.eigen import _BLOCK
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one intra-op thread (on a busy 2-core machine OpenMP hand-offs between
-    two threads make these tests ~100× slower, see benchmarks/README.md)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def reference_lanczos(A: torch.Tensor, v0: torch.Tensor, steps: int) -> torch.Tensor:

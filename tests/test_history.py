@@ -17,13 +17,6 @@ import stableopt
 from stableopt.history import FORMAT, MAX_REASON_CHARS, SCHEMA_VERSION, History
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (OpenMP hand-offs dominate on a busy 2-core machine)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _trained_history(steps=6):

@@ -13,13 +13,6 @@ from torch import nn
 import stableopt
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (OpenMP hand-offs dominate on a busy 2-core machine)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _setup(opt_cls=stableopt.Adam, seed=0, **kwargs):

@@ -20,13 +20,6 @@ from torch import nn
 import stableopt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _mlp(dtype, *extra: nn.Module) -> nn.Sequential:
