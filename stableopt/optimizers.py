@@ -146,15 +146,14 @@ class StabilityMixin:
         return handle
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus a ``"stableopt"`` entry (step count, warm-start vectors,
-        components). torch's ``load_state_dict`` ignores the extra entry, so the dict still
-        loads into the torch class."""
+        """torch's state dict plus a ``"stableopt"`` entry (step count, warm-start vectors and
+        the components: history, monitors, guard). torch's ``load_state_dict`` ignores the
+        extra entry, so the dict still loads into the torch class."""
         sd = super().state_dict()  # type: ignore[misc]
         sd["stableopt"] = {
             "step": self._stableopt_step,
             "measurements": self._stableopt_measurements,
             "warm": {k: v.clone() for k, v in self._stableopt_warm.items()},
-            "lr_scale": None if self._stableopt_lr_scale is None else list(self._stableopt_lr_scale),
             "components": {k: c.state_dict() for k, c in self._stableopt_components.items()},
         }
         return sd
@@ -163,30 +162,19 @@ class StabilityMixin:
         """Load a stableopt or a plain torch state dict (then the step count comes from
         torch's per-parameter ``step`` where there is one, and there is no warm start)."""
         super().load_state_dict(state_dict)  # type: ignore[misc]
-        extra = state_dict.get("stableopt")
-        if extra is None:
-            self._stableopt_step = self._step_from_state()
-            self._stableopt_warm = {}
-            self._stableopt_lr_scale = None
-            for component in self._stableopt_components.values():  # a torch state dict:
-                if hasattr(component, "reset"):  # the history starts empty
-                    component.reset()
-            return
-        self._stableopt_step = int(extra["step"])
-        self._stableopt_measurements = int(extra.get("measurements", 0))
+        extra = state_dict.get("stableopt") or {}
+        self._stableopt_step = int(extra["step"]) if "step" in extra else self._step_from_state()
+        self._stableopt_measurements = int(extra.get("measurements", self._stableopt_measurements))
         self._stableopt_warm = {k: v.clone() for k, v in extra.get("warm", {}).items()}
-        scale = extra.get("lr_scale")
-        # the scale belongs to a guard: an optimizer built without one trains at the scheduler's
-        # lr rather than keep a cut that nothing would ever relax
-        has_guard = self.guard is not None
-        self._stableopt_lr_scale = None if scale is None or not has_guard else [float(f) for f in scale]
+        # the lr scale belongs to the guard, which restores it from its own state below; without
+        # a guard the run trains at the scheduler's lr rather than keep a cut nothing would relax
+        self._stableopt_lr_scale = None
         saved = extra.get("components", {})
-        for name, sub in saved.items():
-            if name in self._stableopt_components:
-                self._stableopt_components[name].load_state_dict(sub)
         for name, component in self._stableopt_components.items():
-            if name not in saved and hasattr(component, "reset"):  # e.g. a dict saved before
-                component.reset()  # the history existed: start empty, not with stale rows
+            if name in saved:
+                component.load_state_dict(saved[name])
+            elif hasattr(component, "reset"):  # a torch dict, or saved before it existed:
+                component.reset()  # start empty rather than keep stale rows
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]
