@@ -82,7 +82,7 @@ def _with_guard(make):
 
 def main() -> dict:
     t0 = time.perf_counter()
-    rounds, number = (9, 20) if QUICK else (11, 20)
+    rounds, number = (9, 20) if QUICK else (21, 20)
     torch.set_num_threads(1)  # a step is µs to ms: thread hand-offs would dominate the noise
     problems = [make_mlp(quick=QUICK), make_cnn(quick=True)]
     probe = stableopt.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)

@@ -59,18 +59,31 @@ def main() -> None:
               f"{s['reference_preconditioned'][0]:.6g}, λ2/λ1 = {s['reference_preconditioned'][1]/s['reference_preconditioned'][0]:.3f}; "
               f"λ_max(H) = {s['reference_raw'][0]:.6g}, λ2/λ1 = {s['reference_raw'][1]/s['reference_raw'][0]:.3f}):", "",
               "| quantity | rule | tol | HVPs | seconds | relative error |", "|---|---|---:|---|---|---|"]
-        groups = {}
-        for r in s["cold"]:
-            groups.setdefault((r["quantity"], r["bound"], r["tol"]), []).append(r)
-        for (q, b, t), rs in groups.items():
-            hv = ", ".join(str(r["hvps"]) for r in rs)
-            secs = ", ".join("%.2f" % r["seconds"] for r in rs)
-            errs = ", ".join("%.1e" % r["rel_error"] for r in rs)
-            L.append(f"| {q} | {b} | {t:g} | {hv} | {secs} | {errs} |")
-        L += ["", "**Warm starts along Adam training** (every estimate checked against a cold tol-1e-5 solve):", "",
+        def cold_rows(rows):
+            groups = {}
+            for r in rows:
+                groups.setdefault((r["quantity"], r["bound"], r["tol"]), []).append(r)
+            for (q, b, t), rs in groups.items():
+                hv = ", ".join(str(r["hvps"]) for r in rs)
+                secs = ", ".join("%.2f" % r["seconds"] for r in rs)
+                errs = ", ".join("%.1e" % r["rel_error"] for r in rs)
+                L.append(f"| {q} | {b} | {t:g} | {hv} | {secs} | {errs} |")
+
+        cold_rows(s["cold"])
+        c = s.get("crowded")
+        if c:
+            rp, rr = c["reference_preconditioned"], c["reference_raw"]
+            L += ["", f"**Stopping rules, cold, crowded stress case** ({c['problem']}: same MLP and recipe on i.i.d. Gaussian "
+                  f"inputs; top eigenvalues / λ1: P⁻¹H {', '.join('%.4f' % (x / rp[0]) for x in rp)}; "
+                  f"H {', '.join('%.4f' % (x / rr[0]) for x in rr)}; not a target):", "",
+                  "| quantity | rule | tol | HVPs | seconds | relative error |", "|---|---|---:|---|---|---|"]
+            cold_rows(c["cold"])
+        warm_default = s.get("default_warm_bound")
+        L += ["", "**Warm starts along Adam training** (every estimate checked against a cold tol-1e-5 solve; "
+              f"the library uses {warm_default!r} for warm solves):", "",
               "| rule | mean HVPs | mean seconds | worst relative error |", "|---|---:|---:|---:|"]
         for b, v in s["warm_summary"].items():
-            L.append(f"| {b} | {v['warm_mean_hvps']:.1f} | {v['warm_mean_seconds']:.3f} | {v['warm_max_error']:.1e} |")
+            L.append(f"| {b}{' (default)' if b == warm_default else ''} | {v['warm_mean_hvps']:.1f} | {v['warm_mean_seconds']:.3f} | {v['warm_max_error']:.1e} |")
         L += ["", "**Memory** (MB; extra = peak above the level with model, data, grads and Adam state held):", "",
               "| problem | training step extra | cold measurement extra | warm measurement extra | resident training state | in-use ratio |",
               "|---|---:|---:|---:|---:|---:|"]
@@ -112,9 +125,10 @@ def main() -> None:
     if e:
         L += [f"**End to end** ({e['problem']}, full-batch Adam; monitor via "
               f"{'opt.monitor' if e['has_monitor'] else 'opt.sharpness by hand'}):", "",
-              "| monitor every | steps | measurements | overhead |", "|---:|---:|---:|---:|"]
+              "| monitor every | steps | measurements | HVPs per measurement | overhead |", "|---:|---:|---:|---|---:|"]
         for r in e["rows"]:
-            L.append(f"| {r['every']} | {r['steps']} | {r['measurements']} | {r['overhead']*100:+.1f}% |")
+            hv = ", ".join(map(str, r.get("hvps", []))) or "—"
+            L.append(f"| {r['every']} | {r['steps']} | {r['measurements']} | {hv} | {r['overhead']*100:+.1f}% |")
         L.append("")
     text = "\n".join(L)
     readme = HERE / "README.md"

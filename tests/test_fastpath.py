@@ -161,3 +161,99 @@ def test_both_stopping_rules_reach_the_requested_accuracy_on_a_separated_spectru
     res = stableopt.lanczos(lambda v: A @ v, n=300, k=1, tol=1e-6, bound=bound,
                             generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert res.converged and abs(float(res.eigenvalues[0]) - 4.0) / 4.0 <= 1e-6
+
+
+# -- thick restart (bounded memory) and the gap stopping rule ------------------------------------
+
+
+def _crowded(n: int, seed: int, top: tuple[float, ...]) -> torch.Tensor:
+    """Symmetric n×n with the given top eigenvalues above a bulk spread over [−0.2, 0.85]."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    evals = torch.linspace(-0.2, 0.85, n, dtype=torch.float64)
+    evals[n - len(top):] = torch.tensor(sorted(top), dtype=torch.float64)
+    return (U * evals) @ U.T
+
+
+@pytest.mark.parametrize("max_basis", [6, 9, _BLOCK + 1, 2 * _BLOCK + 2])
+@pytest.mark.parametrize("k", [1, 3])
+def test_thick_restart_matches_dense_eigvalsh(max_basis, k):
+    if max_basis < k + 3:
+        pytest.skip("max_basis must be >= k + 3")
+    A = _crowded(400, seed=max_basis + k, top=(1.0, 0.995, 0.99, 0.97))
+    ref = torch.linalg.eigvalsh(A).flip(0)[:k]
+    res = stableopt.lanczos(lambda x: A @ x, n=400, k=k, tol=1e-10, max_iters=400, max_basis=max_basis,
+                            generator=torch.Generator().manual_seed(0), dtype=torch.float64, num_vectors=k + 1)
+    assert res.converged
+    assert res.matvecs > max_basis  # the basis really was restarted
+    torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-9, atol=1e-12)
+    V = res.eigenvectors
+    torch.testing.assert_close(V @ V.T, torch.eye(k + 1, dtype=torch.float64), rtol=0, atol=1e-10)
+    for i in range(k):  # the reported residuals are the true ones after restarts too
+        r = float((A @ V[i] - res.eigenvalues[i] * V[i]).norm()) / abs(float(res.eigenvalues[i]))
+        assert r == pytest.approx(float(res.residuals[i]), rel=1e-3, abs=1e-12)
+
+
+def test_basis_never_holds_more_than_max_basis_vectors(monkeypatch):
+    A = _crowded(300, seed=5, top=(1.0, 0.997, 0.99))
+    rows = []
+    real_append = stableopt.eigen._Basis.append
+
+    def append(self, q):
+        real_append(self, q)
+        rows.append(sum(b.shape[0] for b in self.blocks))  # vectors allocated
+
+    monkeypatch.setattr(stableopt.eigen._Basis, "append", append)
+    res = stableopt.lanczos(lambda x: A @ x, n=300, tol=1e-8, max_iters=300, max_basis=10,
+                            generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert res.converged and res.matvecs > 10
+    assert max(rows) <= 10
+    assert float(res.eigenvalues[0]) == pytest.approx(1.0, rel=1e-8)
+
+
+@pytest.mark.parametrize("top", [
+    (1.0, 0.95, 0.93),                # ANCHORS-like gap
+    (1.0, 0.9864, 0.926, 0.898),      # the runner-up close (mlp-quick raw)
+    (1.0, 0.9965, 0.992, 0.985),      # a tight cluster (mlp-gauss preconditioned)
+])
+@pytest.mark.parametrize("drift", ["perturbed", "top two swapped"])
+def test_gap_rule_meets_its_tolerance_on_warm_starts(top, drift):
+    """Warm starts the way estimate_sharpness builds them (top Ritz vector of the previous
+    operator + WARM_MIX × the runner-up, WARM_MIN_ITERS), after the operator drifted, including
+    a crossing of the top two eigenvalues: the gap rule must deliver tol against eigvalsh and
+    must not cost more products than the residual rule from the same start."""
+    from stableopt.sharpness import WARM_MIN_ITERS, WARM_MIX
+
+    n = 500
+    A = _crowded(n, seed=11, top=top)
+    evals, U = torch.linalg.eigh(A)
+    g = torch.Generator().manual_seed(3)
+    if drift == "perturbed":
+        E = torch.randn(n, n, generator=g, dtype=torch.float64)
+        A_prev = A + 0.02 * (E + E.T) / (2 * n) ** 0.5
+    else:
+        swapped = evals.clone()
+        swapped[-1], swapped[-2] = evals[-2], evals[-1]
+        A_prev = (U * swapped) @ U.T
+    lam = float(evals[-1])
+    crossing = drift == "top two swapped" and top[1] > 0.99
+    cost = {}
+    for seed in range(8):
+        prev = stableopt.lanczos(lambda x: A_prev @ x, n=n, tol=1e-3, num_vectors=2, max_iters=n,
+                                 generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        v0 = prev.eigenvectors[0] + WARM_MIX * prev.eigenvectors[1]
+        for bound in ("gap", "residual"):
+            res = stableopt.lanczos(lambda x: A @ x, v0, tol=1e-3, bound=bound, max_iters=n,
+                                    min_iters=WARM_MIN_ITERS, dtype=torch.float64)
+            assert res.converged
+            err = abs(float(res.eigenvalues[0]) - lam) / lam
+            if crossing:
+                # a crossing inside a 0.35% cluster: a single-vector Krylov space cannot resolve it
+                # in a few steps, and both rules sometimes stop on the old top eigenvector (5–6 of 40
+                # starts each, benchmarks/README.md); the error is then bounded by the
+                # gap between the two crossing eigenvalues
+                assert err <= 1 - top[1] + 1e-3, (bound, seed)
+            else:
+                assert err <= 1e-3, (bound, seed)
+            cost.setdefault(bound, []).append(res.matvecs)
+    assert sum(cost["gap"]) <= sum(cost["residual"])
