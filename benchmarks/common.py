@@ -82,7 +82,8 @@ def natural_images(n: int, g: torch.Generator, *, alpha: float = 0.5) -> Tensor:
     flattened and standardised per feature as CIFAR usually is: Gaussian fields whose Fourier
     amplitude falls as 1/f^alpha, with correlated colour channels. With i.i.d. N(0, 1) inputs
     the "mlp" Hessian is far more crowded at the top than ANCHORS.md's (λ2/λ1 = 0.974 raw and
-    0.997 preconditioned, against 0.949 and 0.959); these inputs give 0.954 and 0.959."""
+    0.997 preconditioned, against 0.949 and 0.959); these inputs give 0.959 and 0.945
+    (benchmarks/sharpness.py, float64 references)."""
     f = torch.fft.fftfreq(32, dtype=torch.float64)
     amp = (f[:, None] ** 2 + f[None, :] ** 2).sqrt().clamp_min(1 / 32) ** (-alpha)
     z = torch.complex(torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64),

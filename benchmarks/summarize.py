@@ -27,7 +27,7 @@ def fmt_targets(lines, data, name):
 def main() -> None:
     L = []
     env = None
-    names = ["step_overhead", "hvp", "sharpness", "peers", "end_to_end"]
+    names = ["step_overhead", "hvp", "sharpness", "peers", "end_to_end", "stopping_rules"]
     data = {n: load(n) for n in names}
     for d in data.values():
         if d:
@@ -129,6 +129,14 @@ def main() -> None:
         for r in e["rows"]:
             hv = ", ".join(map(str, r.get("hvps", []))) or "—"
             L.append(f"| {r['every']} | {r['steps']} | {r['measurements']} | {hv} | {r['overhead']*100:+.1f}% |")
+        L.append("")
+    r = data["stopping_rules"]
+    if r:
+        L += [f"**Stopping rules on synthetic spectra** (n = {r['n']}, tol 1e-3; wrong = λ_max more than 1e-3 from eigvalsh):", "",
+              "| λ2/λ1 | case | rule | wrong | mean products |", "|---:|---|---|---:|---:|"]
+        for x in r["rows"]:
+            rule = x["bound"] + ("" if x["cap"] is None else f" (cap {x['cap']:g})")
+            L.append(f"| {x['spectrum'][1]:g} | {x['case']} | {rule} | {x['fails']}/{x['solves']} | {x['mean_products']:.1f} |")
         L.append("")
     text = "\n".join(L)
     readme = HERE / "README.md"
