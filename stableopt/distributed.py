@@ -200,17 +200,21 @@ class Reduction:
         return self._all_reduce(y)
 
     def start_vector(self, v0: Tensor | None, n: int, generator: torch.Generator,
-                     dtype: torch.dtype, device: torch.device) -> Tensor:
-        """The Lanczos start vector of rank 0, on every rank.
+                     dtype: torch.dtype, device: torch.device) -> tuple[Tensor, bool]:
+        """Rank 0's Lanczos start vector and whether it is a cold (random) start, on every rank.
 
-        A cold start draws exactly what :func:`stableopt.lanczos` would have drawn from the
-        (deterministic) generator, so the distributed run matches the single-process one.
+        Every rank then runs the same solve with the same stopping rule, even if their warm
+        starts differ. A cold start draws exactly what :func:`stableopt.lanczos` would have
+        drawn from the (deterministic) generator, so the distributed run matches the
+        single-process one.
         """
+        cold = v0 is None
         if v0 is None:
             v0 = torch.randn(n, generator=generator, dtype=dtype).to(device)
-        v0 = v0.to(dtype=dtype, device=device).contiguous()
-        torch.distributed.broadcast(v0, src=self._src(), group=self.group)
-        return v0
+        flag = torch.tensor([1.0 if cold else 0.0], dtype=dtype, device=device)
+        buf = torch.cat([v0.to(dtype=dtype, device=device).reshape(-1), flag])
+        torch.distributed.broadcast(buf, src=self._src(), group=self.group)
+        return buf[:n].contiguous(), bool(buf[n] != 0)
 
     def agree_seconds(self, seconds: float) -> float:
         """The slowest rank's wall time, so that every rank reports identical numbers."""

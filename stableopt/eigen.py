@@ -76,22 +76,12 @@ def _nan_result(k: int, n: int, like: Tensor, matvecs: int) -> LanczosResult:
     return LanczosResult(nan, like.new_full((k, n), math.nan), nan.clone(), matvecs, False, False)
 
 
-def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[Tensor, Tensor]:
-    """Eigenpairs of the m×m Lanczos tridiagonal (float64, CPU), largest eigenvalue first."""
-    m = len(alphas)
-    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if m > 1:
-        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    theta, S = torch.linalg.eigh(T)
-    return theta.flip(0), S.flip(1)
-
-
 class _Basis:
     """The Lanczos vectors q_0, q_1, ... stored as rows of blocks of ``_BLOCK`` rows.
 
-    Memory grows with the iterations actually taken (a solve that stops after 12 steps holds 12
-    vectors, not ``max_iters``), and no block is ever copied to grow another.
+    Memory grows with the iterations actually taken (a solve that stops after 6 steps holds 6
+    vectors, not ``max_iters``) up to ``max_rows`` (the thick-restart basis size), and no block
+    is ever copied to grow another; after a restart the blocks are reused in place.
     """
 
     def __init__(self, like: Tensor, max_rows: int) -> None:

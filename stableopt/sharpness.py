@@ -291,8 +291,8 @@ def estimate_sharpness(
         def solve(key: str, d: Tensor | None, kk: int) -> LanczosResult:
             v0 = _warm_start(warm, key, layout.n, dtype, layout.device)
             cold = v0 is None
-            if red is not None:  # every rank starts from rank 0's vector
-                v0 = red.start_vector(v0, layout.n, generator, dtype, layout.device)
+            if red is not None:  # every rank starts from rank 0's vector, cold or warm as it is
+                v0, cold = red.start_vector(v0, layout.n, generator, dtype, layout.device)
             res = lanczos(
                 operator(d), v0, n=layout.n, k=kk, tol=tol, max_iters=max_iters,
                 min_iters=1 if cold else WARM_MIN_ITERS, generator=generator,

@@ -178,6 +178,14 @@ def _scenarios(rank: int) -> None:
                                                      _gather([p.detach() for p in g_model.parameters()])[1]))
 
 
+    # --- ranks whose warm starts differ (rank 1 lost its vectors): rank 0's start and its
+    # cold/warm stopping rule are used everywhere, so the solves stay in step and agree ---------
+    if rank == 1:
+        opt._stableopt_warm.clear()
+    rep_w = opt.sharpness(loss_fn, tol=1e-3)
+    reps_w = _gather(_fields(rep_w))
+    assert reps_w[0] == reps_w[1] and rep_w.converged
+
     # --- DDP options that change its reducer: measuring between steps stays transparent ---------
     for options in (dict(find_unused_parameters=True), dict(static_graph=True), dict(gradient_as_bucket_view=True)):
         a, b = DDP(_model(), **options), DDP(_model(), **options)
