@@ -18,7 +18,7 @@ the top, its actual error is ‖r‖²/gap, one to three orders of magnitude bel
 neighbouring Ritz values *widened by their own residuals* (an unconverged neighbour gives no
 usable gap) and trusted only once ‖r‖ ≤ ``GAP_RESIDUAL_CAP``·tol·|θ|. Warm-started solves, whose
 start vector is already close to the top eigenvector, use it: along training it cut the
-Hessian-vector products of a measurement by about a quarter at errors below 2e-4
+Hessian-vector products of a measurement by 10–20% at errors below 1e-4
 (benchmarks/sharpness.py). From random starts on the crowded spectra above it stopped on the
 runner-up more often than the residual rule (14 instead of 9 of 150 at λ2/λ1 = 0.9965; 42 with
 a cap of 5), so cold solves keep the residual rule.

@@ -317,10 +317,13 @@ class StabilityMixin:
             batches: re-iterable of batches; the Hessian is the batch-size-weighted mean.
             raw: also measure λ_max(H) (one more Lanczos solve).
             k: how many top eigenvalues of P⁻¹H to report.
-            tol: stop when each reported Ritz value θ has relative residual ‖Ax − θx‖/|θ| ≤ tol,
-                which guarantees *an* eigenvalue within tol·|θ| of it (in practice the error is
-                far smaller, ~1e-5 at the default); being the top one relies on the Krylov space
-                having found it, which warm starts protect (see :mod:`stableopt.sharpness`).
+            tol: relative accuracy of each reported eigenvalue. The first (cold) measurement
+                stops when each Ritz value θ has relative residual ‖Ax − θx‖/|θ| ≤ tol, which
+                guarantees *an* eigenvalue within tol·|θ| of it (in practice the error is far
+                smaller, ~1e-5 at the default); warm-started ones stop when the quadratic
+                estimate ‖r‖²/gap is ≤ tol·|θ| and the residual ≤ 2·tol·|θ| (benchmarked errors
+                ≤ 3e-5 at the default). Being the top eigenvalue relies on the Krylov space
+                having found it (see :mod:`stableopt.eigen`).
             max_iters: Lanczos steps per solve (default min(#parameters, 100)).
 
         Returns:

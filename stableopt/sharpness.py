@@ -215,8 +215,9 @@ def estimate_sharpness(
             relative error of the top Ritz values is ≤ ``tol`` (``STOP_BOUND`` for a cold
             solve, ``WARM_STOP_BOUND`` for a warm-started one, see
             :func:`stableopt.eigen.lanczos`); ``report.residual`` is the rigorous bound that
-            went with it (an eigenvalue lies within residual·|θ|): ≤ tol cold, ≤ 5·tol warm.
-        max_iters: Lanczos steps per solve (default min(n, 100)).
+            went with it (an eigenvalue lies within residual·|θ|): at most tol for a cold
+            solve, 2·tol (``GAP_RESIDUAL_CAP``) for a warm one.
+        max_iters: Hessian-vector products per solve at most (default min(n, 100)).
         step: recorded in the report.
         generator: random source for cold starts (default: a fixed seed).
         warm: a mapping that keeps the top Ritz vectors between calls (warm starts);
