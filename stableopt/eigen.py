@@ -321,7 +321,7 @@ def lanczos(
         if matvecs >= min_iters and top == k and bool((err <= tol * denom).all()):
             converged = True
             break
-        if matvecs == max_iters or m == n:
+        if matvecs == max_iters:  # (m ≤ max_basis ≤ max_iters ≤ n, so this also ends a full space)
             break
         if beta <= 1e-10 * max(scale, 1e-300):  # invariant subspace: restart orthogonally
             if generator is None:
