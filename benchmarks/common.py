@@ -25,8 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-from torch import Tensor, nn
+#: One intra-op thread unless ``--threads N``, for torch *and* for the BLAS under numpy/scipy
+#: (the peers' ``eigsh``): with two threads on a busy machine, OpenMP's and OpenBLAS's
+#: spin-waiting charges CPU time that no computation used (an ``eigsh`` solve on the mlp took
+#: 1.1–1.3 s of CPU with OpenBLAS's default two threads and 0.70 s with one). The BLAS variables
+#: must be set before numpy loads, so scripts import this module before numpy or scipy.
+THREADS = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 1
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(THREADS)
+
+import torch  # noqa: E402  (after the thread settings above)
+from torch import Tensor, nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -42,10 +51,7 @@ QUICK = "--quick" in sys.argv
 WALL = "--wall" in sys.argv
 clock = time.perf_counter if WALL else time.process_time
 CLOCK_NAME = "wall" if WALL else "process CPU"
-#: One intra-op thread unless ``--threads N``: with two threads on a busy machine, OpenMP's
-#: spin-waiting charges CPU time that no computation used. Ratios are what the targets judge.
-THREADS = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 1
-torch.set_num_threads(THREADS)
+torch.set_num_threads(THREADS)  # ratios are what the targets judge
 
 
 @dataclass
@@ -166,21 +172,33 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int, number: int) 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _fix_malloc() -> None:
+#: The allocator setting of this process, recorded in every result's environment.
+MALLOC = "glibc default"
+
+
+def exact_rss_malloc() -> None:
     """Make glibc serve every allocation ≥ 64 KiB by mmap and return it on free, so that the
     resident set size follows torch's CPU tensors up and down (glibc's dynamic threshold would
-    otherwise keep freed blocks around after the first large free)."""
+    otherwise keep freed blocks around after the first large free).
+
+    The scripts that measure peak memory (hvp.py, sharpness.py) call it at import; switching
+    later in a process does not work (the heap keeps chunks freed under the default setting and
+    a training step measured afterwards looked 30–60% smaller). Every large allocation then
+    costs fresh page faults (on the mlp ~4,400 per HVP and ~3,400 per training step), which a
+    user's process does not pay, so the timing-only scripts (step_overhead, peers, end_to_end,
+    stopping_rules) keep glibc's default. Timed under this setting, a monitor every 100 steps
+    cost +12.8% over 500 steps instead of +10.8% and the unmonitored step 47 ms instead of
+    41 ms, and the peers' per-product allocations suffered more than stableopt's."""
+    global MALLOC
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        MALLOC = "glibc, mmap threshold 64 KiB, trim threshold 128 KiB (exact RSS)"
     except (OSError, AttributeError):  # not glibc: RSS peaks are then upper bounds
-        pass
-
-
-_fix_malloc()
+        MALLOC = "not glibc: default"
 
 
 def _rss() -> int:
@@ -193,7 +211,8 @@ def peak_memory(fn: Callable[[], Any], *, interval: float = 2e-4) -> tuple[int, 
 
     tracemalloc does not see torch's CPU allocator, so a thread samples the resident set size
     (/proc/self/statm) every ``interval`` seconds while ``fn`` runs (allocations ≥ 64 KiB are
-    mmap-backed, see ``_fix_malloc``). Linux only; returns -1 elsewhere.
+    mmap-backed in the scripts that call :func:`exact_rss_malloc` at import). Linux only;
+    returns -1 elsewhere.
     """
     import threading
 
@@ -219,6 +238,16 @@ def peak_memory(fn: Callable[[], Any], *, interval: float = 2e-4) -> tuple[int, 
         done.set()
         th.join()
     return peak[0] - base, out
+
+
+def _blas_threads() -> Any:
+    """Threads of each BLAS/OpenMP library loaded in this process (threadpoolctl, which
+    scikit-learn brings), else the environment variable set above."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return os.environ.get("OPENBLAS_NUM_THREADS")
+    return {Path(i["filepath"]).name: i["num_threads"] for i in threadpool_info()}
 
 
 def environment() -> dict[str, Any]:
@@ -247,10 +276,12 @@ def environment() -> dict[str, Any]:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "blas_threads": _blas_threads(),
         "load_average_1_5_15": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "cuda": torch.cuda.is_available(),
         "quick": QUICK,
         "clock": CLOCK_NAME,
+        "malloc": MALLOC,
         "peers": peers,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

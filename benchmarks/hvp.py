@@ -20,9 +20,12 @@ import time
 import torch
 from torch.func import functional_call, grad, jvp
 
+import common
 from common import QUICK, interleaved, make_cnn, peak_memory, save, target, trained_mlp
 
 import stableopt
+
+common.exact_rss_malloc()  # this script measures peak memory: exact RSS (see common.exact_rss_malloc)
 
 
 def routes(pb):

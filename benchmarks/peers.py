@@ -3,7 +3,8 @@
 Peers (installed from the ``bench`` extra with ``pip install --no-deps``; a missing one is
 skipped with a message): PyHessian (power iteration on a reused gradient graph),
 hessian-eigenthings (Lanczos on its HessianOperator), curvlinops' HessianLinearOperator with
-scipy's ``eigsh``. None of them reads optimizer state, so for λ_max(P⁻¹H) each gets what a user
+scipy's ``eigsh``, and the recipe a user writes with plain torch and scipy, ``eigsh`` on a
+graph-reusing double-backward HVP operator (needs only scipy). None of them reads optimizer state, so for λ_max(P⁻¹H) each gets what a user
 would write today: its Hessian operator wrapped as v ↦ D·H·(D·v) with D = P^{-1/2}.
 
 Each peer runs a small grid of its own settings (the cheapest settings that ANCHORS.md found to
@@ -18,10 +19,10 @@ from __future__ import annotations
 import statistics
 import time
 
-import numpy as np
-import torch
+from common import CLOCK_NAME, QUICK, adam_state, clock, flat_preconditioner, reference_eigs, save, target, trained_mlp  # first: BLAS threads
 
-from common import CLOCK_NAME, QUICK, adam_state, clock, flat_preconditioner, reference_eigs, save, target, trained_mlp
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 class Counter:
@@ -122,13 +123,47 @@ def run_curvlinops(pb, d, ncv, tol):
     return float(val[0]), counter.calls, secs
 
 
+def run_eigsh_reuse(pb, d, ncv, tol):
+    """What a user writes with plain torch and scipy: the gradient graph built once
+    (``create_graph=True``), each matvec a double backward through it, scipy's ``eigsh``
+    (ARPACK, implicitly restarted Lanczos) on top — the issue's "scipy eigsh on a graph-reusing
+    HVP operator"."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    params = pb.params
+    numels = [p.numel() for p in params]
+    n = sum(numels)
+    t0 = clock()
+    grads = torch.autograd.grad(pb.loss_fn(), params, create_graph=True)
+
+    def mv(v):
+        x = torch.from_numpy(np.asarray(v, dtype=np.float32).reshape(-1))
+        if d is not None:
+            x = d * x
+        out = torch.autograd.grad(grads, params, grad_outputs=[c.view_as(p) for c, p in zip(x.split(numels), params)],
+                                  retain_graph=True)
+        y = torch.cat([o.reshape(-1) for o in out])
+        return (y if d is None else d * y).numpy()
+
+    counter = Counter(mv)
+    op = LinearOperator((n, n), matvec=counter, dtype=np.float32)
+    v0 = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    val = eigsh(op, k=1, which="LA", ncv=ncv, tol=tol, v0=v0, return_eigenvectors=False)
+    secs = clock() - t0
+    del grads
+    _cleanup(pb)
+    return float(val[0]), counter.calls, secs
+
+
 def peers(pb, d, ref, quick):
     grid = {
         "pyhessian": [dict(tol=1e-3), dict(tol=1e-4)],
         "hessian-eigenthings": [dict(max_iter=m) for m in ((10, 14) if quick else (12, 16, 20))],
         "curvlinops+eigsh": [dict(ncv=8, tol=1e-2), dict(ncv=8, tol=1e-3)],
+        "torch graph+eigsh": [dict(ncv=8, tol=1e-2), dict(ncv=8, tol=1e-3), dict(ncv=20, tol=1e-2)],
     }
-    runners = {"pyhessian": run_pyhessian, "hessian-eigenthings": run_eigenthings, "curvlinops+eigsh": run_curvlinops}
+    runners = {"pyhessian": run_pyhessian, "hessian-eigenthings": run_eigenthings, "curvlinops+eigsh": run_curvlinops,
+               "torch graph+eigsh": run_eigsh_reuse}
     rows = []
     for tool, settings in grid.items():
         for kw in settings:

@@ -15,10 +15,13 @@ import time
 
 import torch
 
+import common
 from common import CLOCK_NAME, QUICK, adam_state, clock, make_cnn, flat_preconditioner, peak_memory, reference_eigs, save, target, trained_mlp
 
 import stableopt
 import stableopt.sharpness as S
+
+common.exact_rss_malloc()  # this script measures peak memory: exact RSS (see common.exact_rss_malloc)
 
 
 def measure(opt, pb, *, bound: str, tol: float, warm: dict | None, raw: bool = False):

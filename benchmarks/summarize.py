@@ -37,6 +37,9 @@ def main() -> None:
         L.append(f"Measured {env['time_utc']} on {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, "
                  f"Python {env['python']}, {env['torch_threads']} intra-op thread(s), clock: {env.get('clock')}, "
                  f"load average {tuple(round(x, 1) for x in env.get('load_average_1_5_15') or ())}; peers {env['peers']}.")
+        mallocs = {n: (d or {}).get("environment", {}).get("malloc", "?") for n, d in data.items() if d}
+        L.append("Allocator per script: " + "; ".join(f"{n}: {m}" for n, m in mallocs.items()) + ". BLAS threads in peers: "
+                 + str(((data.get("peers") or {}).get("environment") or {}).get("blas_threads")) + ".")
         L.append("")
     L += ["| verdict | benchmark | target | measured | limit |", "|---|---|---|---:|---:|"]
     for n in names:
@@ -130,6 +133,26 @@ def main() -> None:
             hv = ", ".join(map(str, r.get("hvps", []))) or "—"
             L.append(f"| {r['every']} | {r['steps']} | {r['measurements']} | {hv} | {r['overhead']*100:+.1f}% |")
         L.append("")
+        every100 = e["rows"][0]
+        if every100.get("windows"):
+            L += ["Monitor every 100 steps, by part of the run:", "", "| steps | overhead |", "|---|---:|"]
+            for w in every100["windows"]:
+                note = " without the first (cold) measurement" if w["without_first_measurement"] else ""
+                L.append(f"| {w['steps']}{note} | {w['overhead']*100:+.1f}% |")
+            L.append("")
+        o = e.get("oracle")
+        if o:
+            L += [f"Every measurement of that run replayed (tol {e.get('tol', 1e-3):g}): products used, products an oracle rule "
+                  f"needs (first Lanczos step within tol of a tight reference, same start vector), and the monitor's error; "
+                  f"graph build {o['build_seconds']*1e3:.0f} ms, one HVP {o['hvp_seconds']*1e3:.0f} ms, one training step "
+                  f"{o['step_seconds']*1e3:.0f} ms:", "",
+                  "| step | start | HVPs used | oracle HVPs | rel. error |", "|---:|---|---:|---:|---:|"]
+            for x in o["rows"]:
+                need = x["oracle_hvps"] if x["oracle_hvps"] is not None else "—"
+                L.append(f"| {x['step']} | {'cold' if x['cold'] else 'warm'} | {x['hvps_used']} | {need} | {x['rel_error']:.1e} |")
+            L += ["", f"With oracle stopping the every-100 overhead would still be {o['lower_bound_overhead']*100:.1f}% over the run, "
+                  f"{o['lower_bound_overhead_first_half']*100:.1f}% over its first half "
+                  f"({o['lower_bound_overhead_warm_first_half']*100:.1f}% without the cold first measurement).", ""]
     r = data["stopping_rules"]
     if r:
         L += [f"**Stopping rules on synthetic spectra** (n = {r['n']}, tol 1e-3; wrong = λ_max more than 1e-3 from eigvalsh):", "",
