@@ -4,8 +4,9 @@ Peers (installed from the ``bench`` extra with ``pip install --no-deps``; a miss
 skipped with a message): PyHessian (power iteration on a reused gradient graph),
 hessian-eigenthings (Lanczos on its HessianOperator), curvlinops' HessianLinearOperator with
 scipy's ``eigsh``, and the recipe a user writes with plain torch and scipy, ``eigsh`` on a
-graph-reusing double-backward HVP operator (needs only scipy). None of them reads optimizer state, so for λ_max(P⁻¹H) each gets what a user
-would write today: its Hessian operator wrapped as v ↦ D·H·(D·v) with D = P^{-1/2}.
+graph-reusing double-backward HVP operator (needs only scipy). None of them reads optimizer
+state, so for λ_max(P⁻¹H) each gets what a user would write today: its Hessian operator wrapped
+as v ↦ D·H·(D·v) with D = P^{-1/2}.
 
 Each peer runs a small grid of its own settings (the cheapest settings that ANCHORS.md found to
 reach 1e-3) and is credited with its fastest setting that actually reaches 1e-3 relative error
