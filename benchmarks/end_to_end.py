@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from common import CLOCK_NAME, QUICK, clock, save, target, trained_mlp
+from common import CLOCK_NAME, QUICK, clock, flat_preconditioner, save, target, trained_mlp
 
 import stableopt
 from stableopt.optimizers import START_VECTOR_SEED
@@ -61,7 +61,7 @@ def paired(pb, steps: int, every: int, *, snapshot: bool = False) -> dict:
                     warm = o._stableopt_warm.get("preconditioned")
                     snaps.append(dict(step=o.steps_taken, measurement=o._stableopt_measurements,
                                       params=[p.detach().clone() for p in model.parameters()],
-                                      d=torch.cat([P.reshape(-1) for P in o.preconditioner()]).rsqrt(),
+                                      d=flat_preconditioner(o),
                                       warm=None if warm is None else warm.clone()))
                     taken[0] += clock() - t0
 
