@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["step_overhead", "hvp", "sharpness", "peers", "end_to_end", "stopping_rules"]
+SCRIPTS = ["step_overhead", "hvp", "sharpness", "peers", "end_to_end", "stopping_rules", "start_vectors"]
 
 
 def main(argv: list[str]) -> int:

@@ -27,7 +27,7 @@ def fmt_targets(lines, data, name):
 def main() -> None:
     L = []
     env = None
-    names = ["step_overhead", "hvp", "sharpness", "peers", "end_to_end", "stopping_rules"]
+    names = ["step_overhead", "hvp", "sharpness", "peers", "end_to_end", "stopping_rules", "start_vectors"]
     data = {n: load(n) for n in names}
     for d in data.values():
         if d:
@@ -160,6 +160,18 @@ def main() -> None:
         for x in r["rows"]:
             rule = x["bound"] + ("" if x["cap"] is None else f" (cap {x['cap']:g})")
             L.append(f"| {x['spectrum'][1]:g} | {x['case']} | {rule} | {x['fails']}/{x['solves']} | {x['mean_products']:.1f} |")
+        L.append("")
+    v = data["start_vectors"]
+    if v:
+        L += [f"**Cold start vectors** (measured {v['environment']['time_utc']}; tol {v['tol']:g}, basis {v['max_basis']}, {v['seeds']} random vectors per case, each also "
+              "used as r in unit(D·∇L) + r; |cos| of the gradient direction D·∇L with the top three eigenvectors; wrong = λ_max "
+              "more than tol from the float64 reference):", "",
+              "| state | quantity | λ2/λ1 | \\|cos\\| u1, u2, u3 | start | HVPs | mean | wrong |", "|---|---|---:|---|---|---|---:|---:|"]
+        for x in v["rows"]:
+            cos = ", ".join("%.3f" % c for c in x["cos_top3"])
+            hv = ", ".join(str(s["hvps"]) for s in x["solves"])
+            L.append(f"| {x['case']} | {x['quantity']} | {x['top'][1]:.4f} | {cos} | {x['start']} | {hv} | {x['mean_hvps']:.1f} | "
+                     f"{x['wrong']}/{len(x['solves'])} |")
         L.append("")
     text = "\n".join(L)
     readme = HERE / "README.md"
