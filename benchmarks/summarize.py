@@ -96,23 +96,31 @@ def main() -> None:
         L.append("")
     p = data["peers"]
     if p:
-        L += [f"**Peers** ({p['problem']} at Adam step {p['step']}, clock {p['clock']}; each peer's settings grid, "
-              "✓ = reached 1e-3):", "", "| quantity | tool | setting | HVPs | seconds | relative error |", "|---|---|---|---:|---:|---:|"]
+        L += [f"**Peers** (measured {p['environment']['time_utc']}; {p['problem']} at Adam step {p['step']}, clock {p['clock']}; every setting run {p.get('repeat', 1)} times, "
+              "interleaved round by round with the others, median time; ✓ = reached 1e-3 in every run; stableopt warm = the "
+              f"monitor's measurement at step {p['step']}, warm-started from the vectors of the measurement 5 steps before):", "",
+              "| quantity | tool | setting | HVPs | seconds (median) | relative error (worst) |", "|---|---|---|---|---:|---:|"]
         for q in ("preconditioned", "raw"):
-            e = p[q]
-            for r in e["peers"]:
+            for r in p[q]["rows"]:
                 if "value" not in r:
                     L.append(f"| {q} | {r['tool']} | skipped: {r['skipped']} | | | |")
                     continue
                 ok = "✓" if r["rel_error"] <= 1e-3 else ""
-                L.append(f"| {q} | {r['tool']} | {r['setting']} | {r['hvps']} | {r['seconds']:.3f} | {r['rel_error']:.1e} {ok} |")
-            for c in e["stableopt_cold"]:
-                L.append(f"| {q} | **stableopt cold** | defaults (tol=1e-3) | {c['hvps']} | {c['seconds']:.3f} | {c['rel_error']:.1e} |")
-            if "stableopt_warm" in e:
-                w = e["stableopt_warm"]
-                hv = ", ".join(map(str, w["hvps"]))
-                secs = ", ".join("%.3f" % x for x in w["seconds"])
-                L.append(f"| {q} | **stableopt warm** | every 5 steps | {hv} | {secs} | {w['last_rel_error']:.1e} (last) |")
+                name = f"**{r['tool']}**" if r["tool"].startswith("stableopt") and r["setting"].get("tol") == 1e-3 else r["tool"]
+                setting = r["setting"]
+                if r["tool"].startswith("stableopt"):
+                    setting = "default (tol=1e-3)" if setting["tol"] == 1e-3 else f"tol={setting['tol']:g} (informational)"
+                hv = ", ".join(str(x["hvps"]) for x in r["runs"])
+                L.append(f"| {q} | {name} | {setting} | {hv} | {r['seconds']:.3f} | {r['rel_error']:.1e} {ok} |")
+        runs = p.get("warm_runs", {})
+        if runs:
+            L += ["", "Warm measurements along the run (every 5 Adam steps, HVPs): " + "; ".join(
+                f"tol {v['tol']:g}: {', '.join(map(str, v['hvps']))}" for v in runs.values()) + "."]
+        info = [(q, k, v) for q in ("preconditioned", "raw") for k, v in p[q].get("informational", {}).items()]
+        if info:
+            L += ["", "Informational ratios (not judged; ≥ 1 means stableopt is faster):", "", "| quantity | comparison | ratio |",
+                  "|---|---|---:|"]
+            L += [f"| {q} | {k} | {v:.2f} |" for q, k, v in info]
         L.append("")
     s = data["step_overhead"]
     if s:
