@@ -15,6 +15,10 @@ that an *oracle* rule would take (stop at the first step whose top Ritz value is
 a tight reference, which no real rule can know), from the same start vectors; with the graph
 build and product times measured here that gives a lower bound on the overhead of any
 single-vector Krylov measurement at that tolerance.
+
+Informational, not judged: the every-100 run is repeated with the monitor at ``LOOSE_TOL``
+(1e-2, ten times looser than the default), and the oracle replay also counts the products it
+needs at that tolerance (from the tol-1e-3 run's start vectors).
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from stableopt.optimizers import START_VECTOR_SEED
 from stableopt.sharpness import _warm_start
 
 TOL = 1e-3
+#: the every-100 run is repeated with the monitor at this tolerance (informational, not judged)
+LOOSE_TOL = 1e-2
 
 
-def paired(pb, steps: int, every: int, *, snapshot: bool = False) -> dict:
+def paired(pb, steps: int, every: int, *, snapshot: bool = False, tol: float = TOL) -> dict:
     """Train two identical copies side by side, one with ``opt.monitor(every=...)`` and one
     without, alternating step by step and timing each step of each; drift of a shared machine
     (other tenants, frequency) then hits both runs alike, where two runs one after the other
@@ -66,7 +72,7 @@ def paired(pb, steps: int, every: int, *, snapshot: bool = False) -> dict:
                     taken[0] += clock() - t0
 
                 opt.register_step_post_hook(keep)
-            opt.monitor(loss_fn, every=every)
+            opt.monitor(loss_fn, every=every, tol=tol)
         runs[name] = (opt, loss_fn)
     times = {name: [] for name in runs}
     for _ in range(steps):
@@ -149,9 +155,10 @@ def oracle(pb, snaps: list[dict], hvps: list[int], values: list[float]) -> dict:
             v0 = torch.randn(d.numel(), generator=gen, dtype=d.dtype)
         traj = _ritz_trajectory(mv, v0, max(used + 2, 8))
         need = next((j + 1 for j, th in enumerate(traj) if abs(th - lam) <= TOL * abs(lam)), None)
+        need_loose = next((j + 1 for j, th in enumerate(traj) if abs(th - lam) <= LOOSE_TOL * abs(lam)), None)
         err = abs(value - lam) / abs(lam)
-        rows.append(dict(step=s["step"], cold=cold, hvps_used=used, oracle_hvps=need, reference=lam,
-                         measured=value, rel_error=err))
+        rows.append(dict(step=s["step"], cold=cold, hvps_used=used, oracle_hvps=need, oracle_hvps_loose=need_loose,
+                         reference=lam, measured=value, rel_error=err))
         print(f"    step {s['step']:4d} ({'cold' if cold else 'warm'}): {used:2d} HVPs used, an oracle rule "
               f"needs {need if need is not None else '>' + str(len(traj))}; measured {value:.7g}, "
               f"reference {lam:.7g}, rel. error {err:.1e}", flush=True)
@@ -186,19 +193,33 @@ def main() -> dict:
             o["step_seconds"] = step_s
             o["lower_bound_overhead"] = sum(per(n) for n in need) / base
             o["lower_bound_overhead_first_half"] = sum(per(n) for x, n in zip(o["rows"], need) if x["step"] <= half) / (step_s * half)
+            need_loose = [x["oracle_hvps_loose"] or x["oracle_hvps"] or x["hvps_used"] for x in o["rows"]]
+            o["lower_bound_overhead_loose"] = sum(per(n) for n in need_loose) / base
             o["lower_bound_overhead_warm_first_half"] = (
                 sum(per(n) for x, n in zip(o["rows"], need) if x["step"] <= half and not x["cold"]) / (step_s * half))
             print(f"    graph build {o['build_seconds']*1e3:.0f} ms, one HVP {o['hvp_seconds']*1e3:.0f} ms, one training "
                   f"step {step_s*1e3:.0f} ms: an oracle stopping rule would still add {o['lower_bound_overhead']*100:.1f}% "
                   f"over the run, {o['lower_bound_overhead_first_half']*100:.1f}% over steps 1-{half} "
-                  f"({o['lower_bound_overhead_warm_first_half']*100:.1f}% without the cold first measurement)")
+                  f"({o['lower_bound_overhead_warm_first_half']*100:.1f}% without the cold first measurement); "
+                  f"at tol {LOOSE_TOL:g} (oracle products {need_loose}): {o['lower_bound_overhead_loose']*100:.1f}% over the run")
             analysis = o
         rows.append(row)
+    # informational: the every-100 run again with the monitor at a 10× looser tolerance
+    r = paired(pb, long_steps, 100, tol=LOOSE_TOL)
+    mon, base = sum(r["times"]["monitored"]), sum(r["times"]["unmonitored"])
+    half = long_steps // 2
+    loose = dict(every=100, steps=long_steps, tol=LOOSE_TOL, measurements=r["measurements"], seconds_monitored=mon,
+                 seconds_unmonitored=base, overhead=mon / base - 1, hvps=r["hvps"], ratio=r["ratio"],
+                 windows=[window(r, 0, long_steps, 100, skip_first=True), window(r, 0, half, 100),
+                          window(r, half, long_steps, 100)])
+    print(f"  every 100 at tol {LOOSE_TOL:g} (informational): overhead {loose['overhead']*100:+.1f}%, HVPs per measurement "
+          f"{r['hvps']}; " + ", ".join(f"steps {w['steps']}{' w/o first' if w['without_first_measurement'] else ''} "
+                                      f"{w['overhead']*100:+.1f}%" for w in loose["windows"]), flush=True)
     targets.append(target("end-to-end overhead, monitor every 100 steps", rows[0]["overhead"], 0.05, fmt="{:.3f}"))
     targets.append(target(f"monitored measurements along the run ({len(analysis['rows'])}), worst error vs tight reference",
                           max(x["rel_error"] for x in analysis["rows"]), TOL, fmt="{:.1e}"))
     return save("end_to_end", dict(problem=pb.name, has_monitor=True, paired=True, tol=TOL, rows=rows,
-                                   oracle=analysis, targets=targets, seconds=time.perf_counter() - t0))
+                                   oracle=analysis, loose=loose, targets=targets, seconds=time.perf_counter() - t0))
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def main() -> None:
         L.append("")
     e = data["end_to_end"]
     if e:
-        L += [f"**End to end** ({e['problem']}, full-batch Adam; monitor via "
+        L += [f"**End to end** (measured {e['environment']['time_utc']}; {e['problem']}, full-batch Adam; monitor via "
               f"{'opt.monitor' if e['has_monitor'] else 'opt.sharpness by hand'}):", "",
               "| monitor every | steps | measurements | HVPs per measurement | overhead |", "|---:|---:|---:|---|---:|"]
         for r in e["rows"]:
@@ -161,6 +161,16 @@ def main() -> None:
             L += ["", f"With oracle stopping the every-100 overhead would still be {o['lower_bound_overhead']*100:.1f}% over the run, "
                   f"{o['lower_bound_overhead_first_half']*100:.1f}% over its first half "
                   f"({o['lower_bound_overhead_warm_first_half']*100:.1f}% without the cold first measurement).", ""]
+            if "lower_bound_overhead_loose" in o:
+                need = ", ".join(str(x["oracle_hvps_loose"]) for x in o["rows"])
+                L += [f"At tol 1e-2 the oracle would need {need} products at those states (same start vectors): "
+                      f"{o['lower_bound_overhead_loose']*100:.1f}% over the run.", ""]
+        lo = e.get("loose")
+        if lo:
+            w = "; ".join(f"steps {x['steps']}{' without the first measurement' if x['without_first_measurement'] else ''}: "
+                          f"{x['overhead']*100:+.1f}%" for x in lo["windows"])
+            L += [f"Informational: the every-100 run with the monitor at tol {lo['tol']:g}: {lo['overhead']*100:+.1f}% over "
+                  f"{lo['steps']} steps ({w}); HVPs per measurement {', '.join(map(str, lo['hvps']))}.", ""]
     r = data["stopping_rules"]
     if r:
         L += [f"**Stopping rules on synthetic spectra** (n = {r['n']}, tol 1e-3; wrong = λ_max more than 1e-3 from eigvalsh):", "",
