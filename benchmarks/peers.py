@@ -9,8 +9,10 @@ state, so for λ_max(P⁻¹H) each gets what a user would write today: its Hessi
 as v ↦ D·H·(D·v) with D = P^{-1/2}.
 
 Each peer runs a small grid of its own settings (the cheapest settings that ANCHORS.md found to
-reach 1e-3), each setting timed ``REPEAT`` times from the same start (median), and is credited
-with its fastest setting that actually reaches 1e-3 relative error here, judged against a float64 Lanczos reference — a tuning no user could do without the answer.
+reach 1e-3) and is credited with its fastest setting that actually reaches 1e-3 relative error
+here, judged against a float64 Lanczos reference — a tuning no user could do without the answer.
+Every setting and every stableopt variant runs ``REPEAT`` times, interleaved round by round
+(:func:`contest`), and is timed by its median.
 stableopt runs with its defaults (tol=1e-3): cold (no warm vectors) and warm (during a training
 run measured every few steps, the way a monitor uses it). Those are the judged ratios.
 
@@ -35,7 +37,7 @@ import torch  # noqa: E402
 #: the loosest tolerance a peer is credited with (``eigsh(tol=1e-2)``); stableopt is also run at
 #: it, cold and warm, for the informational "both tuned" ratios (the judged ones use its default)
 LOOSE_TOL = 1e-2
-#: runs of each peer setting (median time); stableopt's cold solves also run this many times
+#: rounds of :func:`contest`: each peer setting and stableopt variant runs once per round
 REPEAT = 3
 
 
