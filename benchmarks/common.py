@@ -344,6 +344,19 @@ def flat_preconditioner(opt) -> Tensor:
     return torch.cat([P.reshape(-1) for P in opt.preconditioner()]).rsqrt()
 
 
+def flat_operator(hvp, params: list[Tensor], d: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """u ↦ H·u (or D·H·D·u for a flat diagonal ``d``) on flat vectors, from a
+    ``stableopt.make_hvp`` product over ``params``."""
+    numels = [p.numel() for p in params]
+
+    def mv(u: Tensor) -> Tensor:
+        v = u if d is None else d * u
+        out = torch.cat([o.reshape(-1) for o in hvp([c.view_as(p) for c, p in zip(v.split(numels), params)])])
+        return out if d is None else out * d
+
+    return mv
+
+
 def reference_eigs(pb: Problem, d: Tensor | None = None, *, k: int = 2, tol: float = 1e-9, dtype=torch.float64) -> list[float]:
     """Tight Lanczos reference on a float64 copy of the model: the top ``k`` eigenvalues of H
     (or of D·H·D for a flat diagonal ``d``), rigorous residual bound ``tol``."""
@@ -356,14 +369,7 @@ def reference_eigs(pb: Problem, d: Tensor | None = None, *, k: int = 2, tol: flo
     y = pb.y.to(dtype) if pb.y.is_floating_point() else pb.y
     params = [p for p in model.parameters() if p.requires_grad]
     hvp = stableopt.make_hvp(lambda: pb.loss_of_output(model(x), y), params)
-    numels = [p.numel() for p in params]
-    dd = None if d is None else d.to(dtype)
-
-    def mv(u: Tensor) -> Tensor:
-        v = u if dd is None else dd * u
-        out = torch.cat([o.reshape(-1) for o in hvp([c.view_as(p) for c, p in zip(v.split(numels), params)])])
-        return out if dd is None else out * dd
-
-    res = stableopt.lanczos(mv, n=sum(numels), k=k, tol=tol, max_iters=150, dtype=dtype,
+    mv = flat_operator(hvp, params, None if d is None else d.to(dtype))
+    res = stableopt.lanczos(mv, n=sum(p.numel() for p in params), k=k, tol=tol, max_iters=150, dtype=dtype,
                             generator=torch.Generator().manual_seed(12345))
     return [float(x) for x in res.eigenvalues]

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from common import CLOCK_NAME, QUICK, clock, flat_preconditioner, save, target, trained_mlp
+from common import CLOCK_NAME, QUICK, clock, flat_operator, flat_preconditioner, save, target, trained_mlp
 
 import stableopt
 from stableopt.optimizers import START_VECTOR_SEED
@@ -129,7 +129,6 @@ def oracle(pb, snaps: list[dict], hvps: list[int], values: list[float]) -> dict:
     (in this process, on this clock)."""
     model = copy.deepcopy(pb.model)
     params = list(model.parameters())
-    numels = [p.numel() for p in params]
     rows, build_s, hvp_s = [], [], []
     for s, used, value in zip(snaps, hvps, values):
         with torch.no_grad():
@@ -139,10 +138,7 @@ def oracle(pb, snaps: list[dict], hvps: list[int], values: list[float]) -> dict:
         hvp = stableopt.make_hvp(lambda: pb.loss_of_output(model(pb.x), pb.y), params)
         build_s.append(clock() - t0)
         d = s["d"]
-
-        def mv(u, hvp=hvp, d=d):
-            return d * torch.cat([o.reshape(-1) for o in hvp([c.view_as(p) for c, p in zip((d * u).split(numels), params)])])
-
+        mv = flat_operator(hvp, params, d)
         t0 = clock()
         mv(d)
         hvp_s.append(clock() - t0)

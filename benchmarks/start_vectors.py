@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import QUICK, adam_state, clock, flat_preconditioner, reference_eigs, save, trained_mlp
+from common import QUICK, adam_state, clock, flat_operator, flat_preconditioner, reference_eigs, save, trained_mlp
 
 import stableopt
 from stableopt.sharpness import MAX_BASIS
@@ -33,19 +33,13 @@ def unit(v: torch.Tensor) -> torch.Tensor:
 
 def case(label: str, pb, opt, quantities: tuple[str, ...]) -> list[dict]:
     params = pb.params
-    numels = [p.numel() for p in params]
-    n = sum(numels)
+    n = sum(p.numel() for p in params)
     hvp = stableopt.make_hvp(pb.loss_fn, params)
     grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(pb.loss_fn(), params)])
     rows = []
     for quantity in quantities:
         d = flat_preconditioner(opt) if quantity == "preconditioned" else None
-
-        def mv(u, d=d):
-            x = u if d is None else d * u
-            y = torch.cat([o.reshape(-1) for o in hvp([c.view_as(p) for c, p in zip(x.split(numels), params)])])
-            return y if d is None else y * d
-
+        mv = flat_operator(hvp, params, d)
         lam = reference_eigs(pb, d, k=3)
         vecs = stableopt.lanczos(mv, n=n, k=3, tol=1e-6, max_iters=300, generator=torch.Generator().manual_seed(1)).eigenvectors
         g = unit(grad if d is None else d * grad)
