@@ -5,13 +5,19 @@ Replace ``torch.optim.Adam`` with ``stableopt.Adam`` and nothing changes until y
 ratio to the stability threshold of the update rule (Cohen et al. 2022, arXiv:2207.14484).
 """
 
-from . import distributed
-from .eigen import LanczosResult, lanczos
+from . import distributed, rules
+from .backends import BACKENDS, BackendChoice
+from .eigen import LanczosResult, LinearOperator, lanczos
+from .finite_difference import make_fd_hvp
+from .forward_ad import ForwardADError, make_forward_hvp
 from .guard import LRGuard
 from .history import GuardEvent, History
-from .hvp import hessian_vector_product, make_hvp
+from .hvp import DoubleBackwardError, hessian_vector_product, make_hvp
 from .monitor import Monitor
+from .operator import CurvatureOperator, MeasuredGroup, Measurement, measure
 from .optimizers import SGD, Adam, AdamW, RMSprop, StabilityMixin
+from .rules import StabilityRule
+from .space import ParameterSpace
 from .plot import plot_history
 from .report import render_report
 from .sharpness import SharpnessGroup, SharpnessReport, estimate_sharpness
@@ -27,18 +33,28 @@ from .thresholds import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BACKENDS",
     "SGD",
     "Adam",
     "AdamW",
+    "BackendChoice",
+    "CurvatureOperator",
+    "DoubleBackwardError",
+    "ForwardADError",
     "GuardEvent",
     "History",
     "LRGuard",
     "LanczosResult",
+    "LinearOperator",
+    "MeasuredGroup",
+    "Measurement",
     "Monitor",
+    "ParameterSpace",
     "RMSprop",
     "SharpnessGroup",
     "SharpnessReport",
     "StabilityMixin",
+    "StabilityRule",
     "__version__",
     "adam_threshold",
     "distributed",
@@ -47,10 +63,14 @@ __all__ = [
     "hessian_vector_product",
     "heavy_ball_threshold",
     "lanczos",
+    "make_fd_hvp",
+    "make_forward_hvp",
     "make_hvp",
+    "measure",
     "nesterov_threshold",
     "plot_history",
     "render_report",
     "rmsprop_threshold",
+    "rules",
     "sgd_threshold",
 ]

@@ -2,8 +2,18 @@
 
 When ``torch.distributed`` is initialised with more than one process, every measurement
 (``opt.sharpness()``, monitors, the guard) is a *collective*: each rank computes Hessian-vector
-products on its own shard and the products are all-reduced, so every rank gets the same report,
-equal (to float tolerance) to the single-process measurement on the union of the shards.
+products on its own shard of the data and the products are all-reduced, so every rank gets the
+same report, equal (to float tolerance) to the single-process measurement on the union of the
+shards.
+
+Two layouts (:class:`Reduction`):
+
+* **replicated** parameters (DDP, or plain data parallelism): every rank holds every parameter;
+  products are all-reduced with the weights below, Lanczos vectors are identical on every rank.
+* **sharded** parameters (FSDP2 ``fully_shard``: DTensor): every rank holds a shard of every
+  parameter and of every Lanczos vector (:class:`stableopt.space.ParameterSpace`); products use
+  ``hvp="fd"`` through the ordinary FSDP forward and backward, whose reduce-scatter already
+  averages the gradient over ranks; inner products are all-reduced over the mesh.
 
 Weighting (docs/distributed.md):
 
@@ -18,7 +28,8 @@ Guarantees: the cold Lanczos start vector comes from the optimizer's private, de
 generator and is broadcast from rank 0 anyway; a consistency check (one small all-reduce) makes
 every rank raise the same clear error when ranks disagree on the parameter count, the replicated
 parameter values, ``k``, ``raw``, ``tol``, ``max_iters``, the step or the use of ``batches``;
-an exception in the first evaluation of ``loss_fn`` on any rank is raised on every rank instead of
+an exception in the first evaluation of ``loss_fn`` or in any Hessian-vector product on any rank
+is raised on every rank (agreed through the collective that follows every product) instead of
 leaving the others waiting in a collective. Calls through a ``DistributedDataParallel`` module are
 made as inside ``no_sync()``: no gradient bucket is prepared, no buffer is broadcast, DDP's state
 is as it was afterwards.
@@ -32,10 +43,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .space import local_tensor
 
 __all__ = ["Reduction", "active", "configure", "local", "quiet_ddp"]
 
@@ -95,34 +108,31 @@ def active() -> bool:
 class Reduction:
     """The collectives of one distributed measurement (built by :meth:`begin`)."""
 
-    def __init__(self, group: Any, world_size: int, device: torch.device) -> None:
+    def __init__(self, group: Any, world_size: int, device: torch.device, *, sharded: bool = False) -> None:
         self.group = group
         self.world_size = world_size
         self.device = device
         self.rank = torch.distributed.get_rank(group)
+        #: parameters are DTensor shards (FSDP2): products come reduced, vectors are shards
+        self.sharded = sharded
         self.weight = 1.0 / world_size  # set by first_evaluation()
         self.samples: int | None = None
 
     @classmethod
-    def begin(cls, params: Sequence[Tensor]) -> Reduction | None:
+    def begin(cls, params: Sequence[Tensor], *, sharded: bool = False, group: Any = None) -> Reduction | None:
         """A reduction for this measurement, or None outside multi-process torch.distributed.
 
-        Raises:
-            TypeError: sharded (DTensor) parameters, from FSDP2 or tensor parallelism, which
-                are not supported yet (docs/distributed.md says why and how they would be).
+        ``sharded``: the parameters are DTensor shards (FSDP2) reduced over ``group`` (their
+        mesh's); a reduction then exists even inside :func:`local`, since a shard alone is not a
+        model.
         """
-        for p in params:
-            if _is_dtensor(p):
-                raise TypeError(
-                    "stableopt: sharded parameters are not supported yet: got a parameter of type "
-                    f"{type(p).__name__} (FSDP2 fully_shard or tensor parallelism), expected plain "
-                    "tensors (replicated DDP parameters work); see docs/distributed.md for what "
-                    "works and the workarounds"
-                )
-        group, size = _group_and_size()
+        if sharded:
+            size = torch.distributed.get_world_size(group)
+        else:
+            group, size = _group_and_size()
         if size <= 1:
             return None
-        return cls(group, size, params[0].device)
+        return cls(group, size, local_tensor(params[0]).device, sharded=sharded)
 
     # -- collectives ---------------------------------------------------------------------------
     def _all_reduce(self, t: Tensor, op: Any = None) -> Tensor:
@@ -134,17 +144,16 @@ class Reduction:
         dist = torch.distributed
         return 0 if self.group is None else dist.get_global_rank(self.group, 0)
 
-    def check(self, *, n: int, k: int, raw: bool, tol: float, max_iters: int | None, step: int,
-              batched: bool, params: Sequence[Tensor]) -> None:
-        """Raise the same RuntimeError on every rank unless all ranks measure the same thing."""
-        fields = {
-            "number of parameters": float(n), "k": float(k), "raw": float(raw), "tol": float(tol),
-            "max_iters": -1.0 if max_iters is None else float(max_iters), "step": float(step),
-            "batches given": float(batched), "parameter checksum": 0.0,
-        }
+    def check(self, fingerprint: Mapping[str, float], params: Sequence[Tensor]) -> None:
+        """Raise the same RuntimeError on every rank unless all ranks measure the same thing:
+        the same ``fingerprint`` values and, for replicated parameters, the same parameters."""
+        fields = {name: float(value) for name, value in fingerprint.items()}
+        if not self.sharded:
+            fields["parameter checksum"] = 0.0
         values = torch.tensor(list(fields.values()), dtype=torch.float64, device=self.device)
-        with torch.no_grad():  # on the device, one transfer: DDP replicas are bitwise equal
-            values[-1] = torch.stack([p.detach().double().sum() for p in params]).sum()
+        if not self.sharded:
+            with torch.no_grad():  # on the device, one transfer: DDP replicas are bitwise equal
+                values[-1] = torch.stack([p.detach().double().sum() for p in params]).sum()
         both = self._all_reduce(torch.cat([values, -values]), torch.distributed.ReduceOp.MAX)
         hi, lo = both[: len(fields)], -both[len(fields):]
         bad = [
@@ -152,21 +161,37 @@ class Reduction:
             if not (a == b or (math.isnan(a) and math.isnan(b)))
         ]
         if bad:
+            layout = "sharded (FSDP2)" if self.sharded else "replicated (DDP)"
             raise RuntimeError(
                 "stableopt: ranks disagree on " + ", ".join(bad) + " for this sharpness "
                 f"measurement (rank {self.rank} of {self.world_size}). A distributed measurement "
-                "must be taken on every rank with the same arguments on replicated (DDP) "
-                "parameters; to measure each rank alone use stableopt.distributed.local()"
+                f"must be taken on every rank with the same arguments on {layout} parameters; "
+                "to measure each rank of a replicated model alone use stableopt.distributed.local()"
             )
+
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """For each flag, whether it is True on any rank."""
+        t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=self.device)
+        return tuple(bool(x > 0) for x in self._all_reduce(t, torch.distributed.ReduceOp.MAX).tolist())
+
+    def loss_scale(self, samples: int | None) -> float:
+        """Sharded products: the factor on the local loss that turns FSDP's mean over ranks into
+        the sample-weighted mean W·n_r/N (1 when sample counts are unknown)."""
+        t = torch.tensor([float(samples or 0), float(samples is None)], dtype=torch.float64, device=self.device)
+        total, unknown = self._all_reduce(t).tolist()
+        if unknown or total <= 0 or samples is None:
+            return 1.0
+        return self.world_size * samples / total
 
     def first_evaluation(self, build: Callable[[], Any]) -> Any:
         """Run ``build()`` (graph building: the first ``loss_fn`` calls) on every rank; if it
-        fails anywhere, raise everywhere. Then fix this rank's weight and the global loss."""
-        error: Exception | None = None
+        fails anywhere, raise everywhere. Then fix this rank's weight and the global loss, and
+        return the product wrapped so that every later product agrees on failure too."""
+        error: BaseException | None = None
         hvp = None
         try:
             hvp = build()
-        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, on every rank
             error = exc
         samples = getattr(hvp, "samples", None) if hvp is not None else None
         loss = float(hvp.loss) if hvp is not None else math.nan
@@ -192,27 +217,26 @@ class Reduction:
         else:
             self.weight = 1.0 / self.world_size
             hvp.loss = torch.tensor(plain / self.world_size, dtype=torch.float64)
-        return _ReducedHVP(hvp, self)
+        return _CollectiveHVP(hvp, self)
 
-    def reduce_flat(self, y: Tensor) -> Tensor:
-        """Σ_r w_r · y_r (in place)."""
-        y.mul_(self.weight)
-        return self._all_reduce(y)
+    def start_vector(self, v0: Tensor | None, random: Callable[[], Tensor]) -> tuple[Tensor, bool]:
+        """The start vector every rank uses and whether it is a cold (random) start.
 
-    def start_vector(self, v0: Tensor | None, n: int, generator: torch.Generator,
-                     dtype: torch.dtype, device: torch.device) -> tuple[Tensor, bool]:
-        """Rank 0's Lanczos start vector and whether it is a cold (random) start, on every rank.
-
-        Every rank then runs the same solve with the same stopping rule, even if their warm
-        starts differ. A cold start draws exactly what :func:`stableopt.lanczos` would have
-        drawn from the (deterministic) generator, so the distributed run matches the
-        single-process one.
+        Replicated: rank 0's vector (its warm start, or ``random()``) broadcast with its
+        cold/warm status, so every rank runs the same solve with the same stopping rule even if
+        their warm starts differ. Sharded: every rank keeps its own shard of the warm start,
+        unless any rank has none; then all start from their shard of ``random()``, which every
+        rank draws identically.
         """
+        if self.sharded:
+            (cold,) = self.any(v0 is None)
+            return (random() if cold else v0), cold  # type: ignore[return-value]
         cold = v0 is None
         if v0 is None:
-            v0 = torch.randn(n, generator=generator, dtype=dtype).to(device)
-        flag = torch.tensor([1.0 if cold else 0.0], dtype=dtype, device=device)
-        buf = torch.cat([v0.to(dtype=dtype, device=device).reshape(-1), flag])
+            v0 = random()
+        n = v0.numel()
+        flag = torch.tensor([1.0 if cold else 0.0], dtype=v0.dtype, device=v0.device)
+        buf = torch.cat([v0.reshape(-1), flag])
         torch.distributed.broadcast(buf, src=self._src(), group=self.group)
         return buf[:n].contiguous(), bool(buf[n] != 0)
 
@@ -222,29 +246,60 @@ class Reduction:
         return float(self._all_reduce(t, torch.distributed.ReduceOp.MAX)[0])
 
 
-class _ReducedHVP:
-    """An :class:`~stableopt.hvp.HVP` whose products are all-reduced across ranks."""
+class _CollectiveHVP:
+    """An :class:`~stableopt.hvp.HVP` whose every product ends with one collective on all ranks.
+
+    Replicated parameters: the products are all-reduced (Σ_r w_r·H_r·v) together with a failure
+    flag. Sharded parameters: FSDP's backward has already reduced them; only the flag is
+    all-reduced. Either way a product that raises on one rank (an exception in ``loss_fn``, a
+    KeyboardInterrupt) makes every rank raise after the same collective, never leaves the
+    others waiting in the next one.
+    """
 
     def __init__(self, hvp: Any, reduction: Reduction) -> None:
         self._hvp = hvp
         self._reduction = reduction
         self.params = hvp.params
         self.loss = hvp.loss
+        self.samples = getattr(hvp, "samples", None)
 
     @property
     def calls(self) -> int:
-        return self._hvp.calls
+        return int(self._hvp.calls)
+
+    @property
+    def backend(self) -> str:
+        return str(self._hvp.backend)
 
     def __call__(self, vectors: Sequence[Tensor]) -> list[Tensor]:
-        out = self._hvp(vectors)
-        flat = torch.cat([o.reshape(-1) for o in out])
-        self._reduction.reduce_flat(flat)
+        red = self._reduction
+        error: BaseException | None = None
+        out: list[Tensor] = []
+        try:
+            out = self._hvp(vectors)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, on every rank
+            error = exc
+        like = vectors if error is not None else out
+        flag = torch.tensor([float(error is not None)], dtype=like[0].dtype, device=like[0].device)
+        if red.sharded:
+            buf = flag
+        else:
+            parts = [torch.zeros_like(v).reshape(-1) for v in vectors] if error is not None else [o.reshape(-1) for o in out]
+            buf = torch.cat([*parts, flag])
+            buf[:-1].mul_(red.weight)
+        red._all_reduce(buf)
+        if error is not None:
+            raise error
+        if float(buf[-1]) > 0:
+            raise RuntimeError(
+                f"stableopt: a Hessian-vector product failed on {int(buf[-1])} of {red.world_size} "
+                "ranks during a distributed measurement (this rank's succeeded); see the failing "
+                "ranks' tracebacks"
+            )
+        if red.sharded:
+            return out
+        flat = buf[:-1]
         return [c.view_as(o) for c, o in zip(flat.split([o.numel() for o in out]), out)]
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    cls = type(t)
-    return any(c.__name__ == "DTensor" and c.__module__.startswith("torch.distributed") for c in cls.__mro__)
 
 
 def _is_ddp(module: nn.Module) -> bool:

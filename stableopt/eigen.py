@@ -39,14 +39,59 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["LanczosResult", "lanczos"]
+__all__ = ["LanczosResult", "LinearOperator", "lanczos"]
 
 Matvec = Callable[[Tensor], Tensor]
+
+
+@runtime_checkable
+class LinearOperator(Protocol):
+    """What an estimator needs of a symmetric operator (:class:`stableopt.CurvatureOperator` is one).
+
+    Vectors are 1-D tensors of length ``local_size`` (this rank's shard; ``size`` in one
+    process); ``dot``, ``norm`` and ``inner`` reduce over every rank that holds a shard.
+    """
+
+    size: int
+    local_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def matvec(self, x: Tensor) -> Tensor: ...
+
+    def dot(self, x: Tensor, y: Tensor) -> Tensor: ...
+
+    def norm(self, x: Tensor) -> Tensor: ...
+
+    def inner(self, block: Tensor, w: Tensor) -> Tensor: ...
+
+    def random(self, generator: torch.Generator) -> Tensor: ...
+
+
+class _DenseOperator:
+    """A plain matvec on whole vectors of length ``n`` as a :class:`LinearOperator`."""
+
+    def __init__(self, matvec: Matvec, n: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.matvec = matvec
+        self.size = self.local_size = n
+        self.dtype, self.device = dtype, device
+
+    def dot(self, x: Tensor, y: Tensor) -> Tensor:
+        return torch.dot(x, y)
+
+    def norm(self, x: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(x)
+
+    def inner(self, block: Tensor, w: Tensor) -> Tensor:
+        return block @ w
+
+    def random(self, generator: torch.Generator) -> Tensor:
+        return torch.randn(self.size, generator=generator, dtype=self.dtype).to(self.device)
 
 
 @dataclass(frozen=True)
@@ -111,12 +156,12 @@ class _Basis:
             out.append(block[:rows])
         return out
 
-    def orthogonalize(self, w: Tensor) -> Tensor:
+    def orthogonalize(self, w: Tensor, op: LinearOperator) -> Tensor:
         """(I − QQᵀ)²·w, classical Gram–Schmidt applied twice, as a new tensor (``w`` may be
         the caller's buffer or alias a basis row, so it is never written to)."""
         filled = self._filled()
         for sweep in range(2):
-            coeffs = [B @ w for B in filled]
+            coeffs = [op.inner(B, w) for B in filled]
             for i, (B, c) in enumerate(zip(filled, coeffs)):
                 if sweep == 0 and i == 0:
                     w = torch.addmv(w, B.T, c, alpha=-1.0)
@@ -195,7 +240,7 @@ GAP_RESIDUAL_CAP = 2.0
 
 
 def lanczos(
-    matvec: Matvec,
+    matvec: Matvec | LinearOperator,
     v0: Tensor | None = None,
     *,
     n: int | None = None,
@@ -213,11 +258,14 @@ def lanczos(
     """Largest algebraic eigenvalues of the symmetric operator ``matvec`` by Lanczos.
 
     Args:
-        matvec: x ↦ A·x on 1-D tensors of length ``n``; A must be symmetric.
+        matvec: a :class:`LinearOperator` (e.g. a :class:`stableopt.CurvatureOperator`, whose
+            vectors may be shards of a distributed vector), or a plain function x ↦ A·x on 1-D
+            tensors of length ``n``; A must be symmetric.
         v0: start vector (any nonzero 1-D tensor; its dtype/device are used). If None, a
             standard normal vector drawn from ``generator`` (which must then be given, so
-            results are reproducible and no global RNG is touched), with ``n``, ``dtype``
-            (default float32) and ``device``.
+            results are reproducible and no global RNG is touched): ``operator.random``, or for
+            a plain function one of length ``n`` with ``dtype`` (default float32) and
+            ``device``.
         k: how many of the largest eigenvalues to return.
         tol: stop when each of the top ``k`` pairs has estimated relative error ≤ ``tol``:
             with ``bound="residual"`` (default) the relative residual ‖A·x − θ·x‖/|θ|; with
@@ -255,17 +303,36 @@ def lanczos(
         raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
     if bound not in ("residual", "gap"):
         raise ValueError(f"bound must be 'residual' or 'gap', got {bound!r}")
-    if v0 is None:
-        if n is None or generator is None:
-            raise ValueError("lanczos needs a start vector v0, or n and a torch.Generator")
-        dtype = dtype or torch.float32
-        v0 = torch.randn(n, generator=generator, dtype=dtype).to(device or "cpu")
+    op: LinearOperator
+    if isinstance(matvec, LinearOperator):
+        op = matvec
+        if n is not None and n != op.size:
+            raise ValueError(f"n={n} does not match the operator of size {op.size}")
+        n = op.size
+        if v0 is None:
+            if generator is None:
+                raise ValueError("lanczos needs a start vector v0, or a torch.Generator")
+            v0 = op.random(generator)
     else:
-        if not isinstance(v0, Tensor) or v0.dim() != 1:
-            raise ValueError(f"v0 must be a 1-D tensor, got {type(v0).__name__} of shape {getattr(v0, 'shape', None)}")
-        if n is not None and n != v0.numel():
-            raise ValueError(f"n={n} does not match v0 of length {v0.numel()}")
-        n = v0.numel()
+        if not callable(matvec):
+            raise TypeError(f"matvec must be a LinearOperator or a callable, got {type(matvec).__name__}")
+        if v0 is None:
+            if n is None or generator is None:
+                raise ValueError("lanczos needs a start vector v0, or n and a torch.Generator")
+            dtype = dtype or torch.float32
+            v0 = torch.randn(n, generator=generator, dtype=dtype).to(device or "cpu")
+        else:
+            if not isinstance(v0, Tensor) or v0.dim() != 1:
+                raise ValueError(f"v0 must be a 1-D tensor, got {type(v0).__name__} of shape {getattr(v0, 'shape', None)}")
+            if n is not None and n != v0.numel():
+                raise ValueError(f"n={n} does not match v0 of length {v0.numel()}")
+            n = v0.numel()
+        op = _DenseOperator(matvec, n, v0.dtype, v0.device)
+    if not isinstance(v0, Tensor) or v0.dim() != 1 or v0.numel() != op.local_size:
+        raise ValueError(
+            f"v0 must be a 1-D tensor of length {op.local_size}, got {type(v0).__name__} of shape "
+            f"{tuple(getattr(v0, 'shape', ()))}"
+        )
     assert n is not None
     if n < 1:
         raise ValueError("lanczos needs a space of dimension n >= 1")
@@ -282,12 +349,12 @@ def lanczos(
     max_basis = min(max_basis, max_iters)
     keep_on_restart = max(k + 1, min(num_vectors, max_basis - 2), max_basis // 2)
 
-    norm = torch.linalg.vector_norm(v0)
+    norm = op.norm(v0)
     if not torch.isfinite(norm) or norm == 0:
         if generator is None:
             raise ValueError("v0 must be a finite nonzero vector")
-        v0 = torch.randn(n, generator=generator, dtype=v0.dtype).to(v0.device)
-        norm = torch.linalg.vector_norm(v0)
+        v0 = op.random(generator).to(v0.dtype)
+        norm = op.norm(v0)
     Q = _Basis(v0, max_basis)
     Q.append(v0 / norm)
     # T = QᵀAQ, the projected matrix: tridiagonal, or arrowhead + tridiagonal after a restart
@@ -301,15 +368,15 @@ def lanczos(
     while True:
         j = Q.rows - 1
         q = Q.row(j)
-        w = matvec(q).to(Q.dtype)
+        w = op.matvec(q).to(Q.dtype)
         matvecs += 1
         m = j + 1
-        alpha_t = torch.dot(q, w)
-        w = Q.orthogonalize(w)  # full reorthogonalisation against the whole basis, twice
+        alpha_t = op.dot(q, w)
+        w = Q.orthogonalize(w, op)  # full reorthogonalisation against the whole basis, twice
         # one host sync per step for both scalars; a non-finite product shows up in both
-        alpha, beta = torch.stack([alpha_t, torch.linalg.vector_norm(w)]).tolist()
+        alpha, beta = torch.stack([alpha_t, op.norm(w)]).tolist()
         if not (math.isfinite(alpha) and math.isfinite(beta)):
-            return _nan_result(k, n, v0, matvecs)
+            return _nan_result(k, op.local_size, v0, matvecs)
         T[j, j] = alpha
         theta, S = torch.linalg.eigh(T[:m, :m])
         theta, S = theta.flip(0), S.flip(1)
@@ -326,9 +393,9 @@ def lanczos(
         if beta <= 1e-10 * max(scale, 1e-300):  # invariant subspace: restart orthogonally
             if generator is None:
                 generator = torch.Generator().manual_seed(matvecs)
-            w = torch.randn(n, generator=generator, dtype=Q.dtype).to(Q.device)
-            w = Q.orthogonalize(w)
-            nw = torch.linalg.vector_norm(w)
+            w = op.random(generator).to(Q.dtype)
+            w = Q.orthogonalize(w, op)
+            nw = op.norm(w)
             if nw == 0:
                 converged = m >= k
                 break

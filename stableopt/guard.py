@@ -28,15 +28,11 @@ from torch.utils.hooks import RemovableHandle
 # One event type for the guard, the history and the report (step, group, old/new factor, ratio,
 # reason). Reasons written by the guard: "cut" (ratio above the trigger), "relax" (back toward
 # 1 after the ratio stayed below the recovery level), "raise" (mode="edge", factor above 1).
+from .backends import check_backend
 from .history import GuardEvent
+from .rules import ADAM_TRANSIENT  # noqa: F401 - re-exported (it lived here before 0.2)
 
 __all__ = ["GuardEvent", "LRGuard"]
-
-#: Bias-correction transient of Adam in units of 1/(1 − β1) (SCIENCE.md caveat: the first
-#: ~3/(1−β1) steps behave like preconditioned GD, threshold 2/η at step 1). After 3/(1−β1) steps
-#: β1ᵗ < e⁻³ ≈ 0.05, so the bias-corrected momentum is within 5% of the EMA the long-run
-#: threshold assumes.
-ADAM_TRANSIENT = 3.0
 
 _MODES = ("protect", "edge")
 
@@ -147,7 +143,7 @@ class LRGuard:
             ``mode="edge"``.
         warmup: ignore measurements taken before this step (default: Adam's transient, above).
         every: measure after every ``every``-th step (None: only react to others' measurements).
-        loss_fn, batches, tol, max_iters: passed to ``opt.sharpness`` for the guard's own
+        loss_fn, batches, tol, max_iters, hvp: passed to ``opt.sharpness`` for the guard's own
             measurements (see :meth:`attach`). ``tol`` defaults to 1e-2, not ``sharpness``'s
             1e-3: the policy compares the ratio with levels 10–30% apart, and the looser
             tolerance needs about 2.5× fewer Hessian-vector products per measurement.
@@ -183,6 +179,7 @@ class LRGuard:
         batches: Iterable[Any] | None = None,
         tol: float = 1e-2,
         max_iters: int | None = None,
+        hvp: str = "auto",
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"LRGuard: mode must be one of {_MODES}, got {mode!r}")
@@ -213,7 +210,9 @@ class LRGuard:
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"LRGuard: loss_fn must be callable, got {type(loss_fn).__name__}")
         self._loss_fn = loss_fn
-        self._sharpness_kwargs: dict[str, Any] = {"batches": batches, "tol": _check_tol(tol), "max_iters": max_iters}
+        self._sharpness_kwargs: dict[str, Any] = {
+            "batches": batches, "tol": _check_tol(tol), "max_iters": max_iters, "hvp": check_backend(hvp),
+        }
 
         #: every action, in order
         self.events: list[GuardEvent] = []
@@ -254,8 +253,12 @@ class LRGuard:
         batches: Iterable[Any] | None = None,
         tol: float | None = None,
         max_iters: int | None = None,
+        hvp: str | None = None,
     ) -> LRGuard:
-        """Give the guard the loss its own measurements (``every=``) evaluate. Returns self."""
+        """Give the guard the loss its own measurements (``every=``) evaluate. Returns self.
+
+        ``hvp`` sets the Hessian-vector-product backend of those measurements (default
+        ``"auto"``, see :meth:`stableopt.Adam.sharpness`)."""
         if not callable(loss_fn):
             raise TypeError(f"LRGuard.attach: loss_fn must be callable, got {type(loss_fn).__name__}")
         self._loss_fn = loss_fn
@@ -264,6 +267,8 @@ class LRGuard:
             self._sharpness_kwargs["tol"] = _check_tol(tol)
         if max_iters is not None:
             self._sharpness_kwargs["max_iters"] = max_iters
+        if hvp is not None:
+            self._sharpness_kwargs["hvp"] = check_backend(hvp)
         return self
 
     def remove(self) -> None:
@@ -304,12 +309,10 @@ class LRGuard:
         if self.warmup is not None:
             return self.warmup
         opt = self._optimizer
-        steps = [
-            math.ceil(ADAM_TRANSIENT / (1.0 - float(g["betas"][0])) - 1e-9)  # 3/0.1 = 30.000000000000004
-            for g in (opt.param_groups if opt is not None else [])
-            if "betas" in g and float(g["betas"][0]) < 1.0
-        ]
-        return max(steps, default=0)
+        if opt is None:
+            return 0
+        rule = opt.stability_rule
+        return max((rule.transient_steps(g) for g in opt.param_groups), default=0)
 
     def _on_measurement(self, optimizer: Any, report: Any) -> None:
         self.observe(report.ratio, step=report.step, converged=report.converged)

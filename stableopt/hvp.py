@@ -1,7 +1,12 @@
-"""Hessian-vector products of a user's loss by double backward through a reused gradient graph.
+"""Hessian-vector products of a user's loss: the common product type and the ``"autograd"`` backend.
 
-``make_hvp`` evaluates the loss once, builds the gradient graph (``create_graph=True``) and
-returns a function v ↦ H·v that back-propagates through that graph again for every product:
+Every backend (``"autograd"`` here, ``"fd"`` in :mod:`stableopt.finite_difference`,
+``"forward"`` in :mod:`stableopt.forward_ad`; :mod:`stableopt.backends` picks one) returns an
+:class:`HVP`: a callable v ↦ H·v on tensors shaped like the parameters this process holds, with
+the loss at the current parameters, a product count and the backend's name.
+
+``make_hvp`` (double backward) evaluates the loss once, builds the gradient graph
+(``create_graph=True``) and returns a function v ↦ H·v that back-propagates through that graph again for every product:
 about 1.1–1.3 gradients per product on the benchmarks, against ~2.2 for a fresh forward and
 backward per product and ~3.3 for ``torch.func`` forward-over-reverse on CPU (benchmarks/hvp.py).
 With ``batches`` the Hessian is the batch-size-weighted mean of the per-batch Hessians, and each
@@ -16,7 +21,16 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["HVP", "batch_size", "hessian_vector_product", "make_hvp"]
+__all__ = [
+    "HVP",
+    "DoubleBackwardError",
+    "accumulate",
+    "batch_size",
+    "batch_weights",
+    "check_loss",
+    "hessian_vector_product",
+    "make_hvp",
+]
 
 LossFn = Callable[..., Tensor]
 
@@ -49,7 +63,8 @@ def batch_size(batch: Any) -> int:
     )
 
 
-def _check_loss(loss: Any, where: str) -> Tensor:
+def check_loss(loss: Any, where: str, *, need_grad: bool = True) -> Tensor:
+    """``loss`` as a 0-dim tensor, or a TypeError/ValueError saying what ``loss_fn`` returned."""
     if not isinstance(loss, Tensor):
         raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} ({where})")
     if loss.numel() != 1:
@@ -59,7 +74,7 @@ def _check_loss(loss: Any, where: str) -> Tensor:
         )
     if loss.is_complex() or not loss.is_floating_point():
         raise TypeError(f"loss_fn must return a real floating-point tensor, got {loss.dtype} ({where})")
-    if not loss.requires_grad:
+    if need_grad and not loss.requires_grad:
         raise ValueError(
             "loss_fn's loss does not depend on the optimizer's parameters (it does not require "
             f"grad) ({where}); compute it from the model inside loss_fn, with grad enabled"
@@ -67,8 +82,8 @@ def _check_loss(loss: Any, where: str) -> Tensor:
     return loss.reshape(())
 
 
-def _gradients(loss: Tensor, params: Sequence[Tensor], where: str) -> list[Tensor | None]:
-    grads = list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
+def check_gradients(grads: Sequence[Tensor | None], where: str) -> None:
+    """A ValueError if no gradient exists, a TypeError for sparse gradients."""
     if all(g is None for g in grads):
         raise ValueError(
             "loss_fn's loss does not depend on any of the optimizer's parameters "
@@ -80,6 +95,33 @@ def _gradients(loss: Tensor, params: Sequence[Tensor], where: str) -> list[Tenso
                 "sparse gradients are not supported by Hessian-vector products "
                 "(nn.Embedding(sparse=True)?); use dense gradients"
             )
+
+
+class DoubleBackwardError(RuntimeError):
+    """Double backward (``hvp="autograd"``) is not available through this model.
+
+    Raised when differentiating the gradient graph fails: fused attention kernels without a
+    second derivative, ``torch.compile``, custom ``@once_differentiable`` functions, FSDP2's
+    resharded parameters. The message names the failing operation when torch does, and says to
+    use ``hvp="fd"`` (or ``"auto"``), which needs only ordinary backward passes.
+    """
+
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+        super().__init__(
+            "stableopt: hvp='autograd' needs double backward (differentiating the gradient) "
+            f"through the model, and torch could not do it: {type(cause).__name__}: {cause}. "
+            "Use hvp='fd' (finite differences of gradients: ordinary backward passes only) or "
+            "hvp='auto' (the default: double backward where it works, else 'fd')"
+        )
+
+
+def _gradients(loss: Tensor, params: Sequence[Tensor], where: str) -> list[Tensor | None]:
+    try:
+        grads = list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
+    except (RuntimeError, NotImplementedError) as exc:
+        raise DoubleBackwardError(exc) from exc
+    check_gradients(grads, where)
     return grads
 
 
@@ -89,24 +131,29 @@ def _double_backward(
     idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     if not idx:  # the loss is linear in every parameter: H = 0
         return [None] * len(params)
-    out = torch.autograd.grad(
-        [grads[i] for i in idx],
-        params,
-        grad_outputs=[vectors[i].to(grads[i].dtype) for i in idx],
-        retain_graph=True,
-        allow_unused=True,
-    )
+    try:
+        out = torch.autograd.grad(
+            [grads[i] for i in idx],
+            params,
+            grad_outputs=[vectors[i].to(grads[i].dtype) for i in idx],  # type: ignore[union-attr]
+            retain_graph=True,
+            allow_unused=True,
+        )
+    except (RuntimeError, NotImplementedError) as exc:
+        raise DoubleBackwardError(exc) from exc
     return list(out)
 
 
 @dataclass
 class HVP:
-    """v ↦ H·v for a fixed loss; built by :func:`make_hvp`.
+    """v ↦ H·v for a fixed loss at fixed parameters; built by a backend (:func:`make_hvp`, ...).
 
     Attributes:
+        params: the parameters differentiated with respect to.
         loss: the loss value at the current parameters (a detached float tensor).
         calls: how many products have been computed.
         samples: the number of samples in ``batches`` (None when built without batches).
+        backend: ``"autograd"``, ``"fd"`` or ``"forward"``.
     """
 
     params: list[Tensor]
@@ -115,16 +162,53 @@ class HVP:
     _apply: Callable[[Sequence[Tensor]], list[Tensor | None]]
     #: samples in ``batches`` (None without batches: unknown); weights ranks in distributed runs
     samples: int | None = None
+    backend: str = "autograd"
 
     def __call__(self, vectors: Sequence[Tensor]) -> list[Tensor]:
-        """H·v for ``vectors`` shaped like ``params``; unused parameters give zeros."""
+        """H·v for ``vectors`` shaped like (the local tensors of) ``params``; unused parameters
+        give zeros."""
         if len(vectors) != len(self.params):
             raise ValueError(f"expected {len(self.params)} vectors, one per parameter, got {len(vectors)}")
         self.calls += 1
         out = self._apply(vectors)
-        return [
-            torch.zeros_like(v) if o is None else o.to(v.dtype) for o, v in zip(out, vectors)
-        ]
+        return [torch.zeros_like(v) if o is None else o.to(v.dtype) for o, v in zip(out, vectors)]
+
+
+def batch_weights(batches: Iterable[Any]) -> tuple[list[float], int]:
+    """Per-batch weights n_b/N and the total N of a re-iterable of batches (TypeError/ValueError
+    for one-shot iterators and empty data).
+
+    >>> batch_weights([torch.zeros(1, 2), torch.zeros(3, 2)])
+    ([0.25, 0.75], 4)
+    """
+    try:
+        first_iter = iter(batches)
+    except TypeError:
+        raise TypeError(
+            "batches must be a re-iterable of batches (a list, tuple or DataLoader), got "
+            f"{type(batches).__name__}"
+        ) from None
+    if first_iter is batches:
+        raise TypeError(
+            "batches must be re-iterable (a list, tuple or DataLoader); got a one-shot "
+            f"iterator of type {type(batches).__name__}: wrap it in list(...)"
+        )
+    sizes = [batch_size(b) for b in batches]
+    total = sum(sizes)
+    if total <= 0:
+        raise ValueError(f"batches must hold at least one sample, got {len(sizes)} batches with {total} samples")
+    return [n / total for n in sizes], total
+
+
+def check_params(loss_fn: Any, params: Sequence[Tensor], who: str) -> list[Tensor]:
+    """The parameters as a list, after checking ``loss_fn`` is callable and each requires grad."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    params = list(params)
+    for p in params:
+        if not p.requires_grad:
+            raise ValueError(f"{who}: every parameter must have requires_grad=True")
+    return params
 
 
 def make_hvp(
@@ -134,7 +218,7 @@ def make_hvp(
     batches: Iterable[Any] | None = None,
     before_forward: Callable[[], None] | None = None,
 ) -> HVP:
-    """Build v ↦ H·v for ``loss_fn`` at the current ``params`` (double backward).
+    """Build v ↦ H·v for ``loss_fn`` at the current ``params`` by double backward.
 
     Args:
         loss_fn: ``loss_fn()`` (or ``loss_fn(batch)`` with ``batches``) returns the scalar loss
@@ -149,23 +233,22 @@ def make_hvp(
     The gradient graph of a single loss is built once and reused, and nothing is written to
     ``p.grad``.
 
+    Raises:
+        DoubleBackwardError: the model has no double backward (a ``RuntimeError``; use the
+            ``"fd"`` backend, :func:`stableopt.finite_difference.make_fd_hvp`).
+
     >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
     >>> hvp = make_hvp(lambda: (w ** 3).sum(), [w])
     >>> hvp([torch.tensor([1.0, 1.0])])[0]   # H = diag(6w)
     tensor([ 6., 12.])
     """
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    params = list(params)
-    for p in params:
-        if not p.requires_grad:
-            raise ValueError("make_hvp: every parameter must have requires_grad=True")
+    params = check_params(loss_fn, params, "make_hvp")
     call = before_forward or (lambda: None)
 
     if batches is None:
         with torch.enable_grad():
             call()
-            loss = _check_loss(loss_fn(), "loss_fn()")
+            loss = check_loss(loss_fn(), "loss_fn()")
             grads = _gradients(loss, params, "loss_fn()")
 
         def apply(vectors: Sequence[Tensor]) -> list[Tensor | None]:
@@ -174,29 +257,12 @@ def make_hvp(
 
         return HVP(params, loss.detach(), 0, apply)
 
-    try:
-        first_iter = iter(batches)
-    except TypeError:
-        raise TypeError(
-            "batches must be a re-iterable of batches (a list, tuple or DataLoader), got "
-            f"{type(batches).__name__}"
-        ) from None
-    if first_iter is batches:  # type: ignore[comparison-overlap]
-        raise TypeError(
-            "batches must be re-iterable (a list, tuple or DataLoader); got a one-shot "
-            f"iterator of type {type(batches).__name__}: wrap it in list(...)"
-        )
-    sizes = [batch_size(b) for b in batches]
-    total = sum(sizes)
-    if total <= 0:
-        raise ValueError(f"batches must hold at least one sample, got {len(sizes)} batches with {total} samples")
-    weights = [n / total for n in sizes]
-
+    weights, total = batch_weights(batches)
     losses = []
     with torch.enable_grad():
         call()
         for i, batch in enumerate(batches):
-            loss = _check_loss(loss_fn(batch), f"loss_fn(batches[{i}])")
+            loss = check_loss(loss_fn(batch), f"loss_fn(batches[{i}])")
             losses.append(loss.detach() * weights[i])
     total_loss = torch.stack(losses).sum()
 
@@ -205,18 +271,24 @@ def make_hvp(
         with torch.enable_grad():
             call()
             for i, batch in enumerate(batches):
-                loss = _check_loss(loss_fn(batch), f"loss_fn(batches[{i}])")
+                loss = check_loss(loss_fn(batch), f"loss_fn(batches[{i}])")
                 grads = _gradients(loss, params, f"loss_fn(batches[{i}])")
                 out = _double_backward(grads, params, vectors)
                 del grads, loss
-                for j, o in enumerate(out):
-                    if o is None:
-                        continue
-                    o = o * weights[i]
-                    acc[j] = o if acc[j] is None else acc[j].add_(o)
+                accumulate(acc, out, weights[i])
         return acc
 
     return HVP(params, total_loss, 0, apply_batches, samples=total)
+
+
+def accumulate(acc: list[Tensor | None], out: Sequence[Tensor | None], weight: float) -> None:
+    """acc += weight · out, parameter by parameter (None is zero)."""
+    for j, o in enumerate(out):
+        if o is None:
+            continue
+        o = o * weight
+        prev = acc[j]
+        acc[j] = o if prev is None else prev.add_(o)
 
 
 def hessian_vector_product(
@@ -226,7 +298,8 @@ def hessian_vector_product(
     *,
     batches: Iterable[Any] | None = None,
 ) -> list[Tensor]:
-    """One product H·v (see :func:`make_hvp` to compute many at the cost of one graph).
+    """One product H·v by double backward (see :func:`make_hvp` to compute many at the cost of
+    one graph, and :mod:`stableopt.backends` for the other backends).
 
     >>> x = torch.tensor(3.0, requires_grad=True)
     >>> hessian_vector_product(lambda: x ** 4, [x], [torch.tensor(1.0)])

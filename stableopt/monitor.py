@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from .backends import check_backend
+
 __all__ = ["Monitor", "MonitorSet", "SecantTracker", "plain_line", "zone"]
 
 #: ratio zones: below the edge (< BELOW), at it ([BELOW, ABOVE]), above it (> ABOVE)
@@ -108,9 +110,10 @@ class SecantTracker:
         taus = optimizer.stability_threshold()
         sums = []
         i = 0
+        rule = optimizer.stability_rule
         for group, tau in zip(optimizer.param_groups, taus):
-            sign = -1.0 if group.get("maximize", False) else 1.0
-            decay = optimizer._coupled_weight_decay(group)
+            sign = rule.sign(group)
+            decay = rule.coupled_weight_decay(group)
             for _ in group["params"]:
                 d, dg, P = dtheta[i], dgrad[i], precond[i]
                 sq = d * d
@@ -185,7 +188,7 @@ class Monitor:
         fired: the step counts it measured at.
     """
 
-    def __init__(self, owner: MonitorSet, monitor_id: int, loss_fn: Callable[..., Tensor], *, every: int, batches: Iterable[Any] | None, raw: bool, k: int, tol: float, max_iters: int | None, live: bool, secant: bool) -> None:
+    def __init__(self, owner: MonitorSet, monitor_id: int, loss_fn: Callable[..., Tensor], *, every: int, batches: Iterable[Any] | None, raw: bool, k: int, tol: float, max_iters: int | None, live: bool, secant: bool, hvp: str = "auto") -> None:
         self._owner = owner
         self.id = monitor_id
         self.loss_fn = loss_fn
@@ -197,6 +200,7 @@ class Monitor:
         self.max_iters = max_iters
         self.live = live
         self.secant = secant
+        self.hvp = hvp
         self.last: Any = None
         self.fired: list[int] = []
         opt = owner.optimizer
@@ -227,7 +231,10 @@ class Monitor:
             view.measuring(opt.steps_taken)
         previous, history.source = history.source, self.id
         try:
-            report = opt.sharpness(self.loss_fn, batches=self.batches, raw=self.raw, k=self.k, tol=self.tol, max_iters=self.max_iters)
+            report = opt.sharpness(
+                self.loss_fn, batches=self.batches, raw=self.raw, k=self.k, tol=self.tol,
+                max_iters=self.max_iters, hvp=self.hvp,
+            )
         finally:
             history.source = previous
         self.last = report
@@ -284,9 +291,10 @@ class MonitorSet:
             self._view = _LiveView(self.optimizer.history, self.console)
         return self._view
 
-    def add(self, loss_fn: Callable[..., Tensor], *, every: int | None = None, batches: Iterable[Any] | None = None, raw: bool | None = None, k: int | None = None, tol: float | None = None, max_iters: int | None = None, live: bool = False, secant: bool | None = None, console: Any = None) -> Monitor:
+    def add(self, loss_fn: Callable[..., Tensor], *, every: int | None = None, batches: Iterable[Any] | None = None, raw: bool | None = None, k: int | None = None, tol: float | None = None, max_iters: int | None = None, live: bool = False, secant: bool | None = None, console: Any = None, hvp: str = "auto") -> Monitor:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        check_backend(hvp)
         given = {"every": every, "raw": raw, "k": k, "tol": tol}
         base = dict(self.DEFAULTS)
         monitor_id = self._next_id
@@ -310,7 +318,7 @@ class MonitorSet:
                 self._view.stop()
                 self._view = None
             self.console = console
-        monitor = Monitor(self, monitor_id, loss_fn, batches=batches, max_iters=max_iters, live=bool(live), secant=bool(secant), **opts)
+        monitor = Monitor(self, monitor_id, loss_fn, batches=batches, max_iters=max_iters, live=bool(live), secant=bool(secant), hvp=hvp, **opts)
         self.monitors[monitor.id] = monitor
         self._next_id = max(self._next_id, monitor_id + 1)
         return monitor

@@ -8,21 +8,23 @@ is never rewritten, so with no measurement taken ``step()`` is torch's step bit 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from . import preconditioner as _pre
-from . import thresholds as _thr
+from . import rules as _rules
+from .backends import BackendChoice, check_backend
 from .guard import LRGuard
+from .operator import Measurement, measure
+from .rules import StabilityRule
 from .sharpness import SharpnessGroup, SharpnessReport, estimate_sharpness
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "StabilityMixin"]
-
-PreconditionerFn = Callable[[Tensor, Mapping[str, Any], Mapping[str, Any]], Tensor]
 
 #: Seed of the private generator that draws cold Lanczos start vectors: measurements are
 #: reproducible and never touch the global RNG.
@@ -33,32 +35,99 @@ def _float(x: Any) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
-class StabilityMixin:
-    """Adds ``preconditioner()``, ``stability_threshold()`` and ``sharpness()`` to an optimizer.
+@dataclass(frozen=True)
+class _LegacyRule(StabilityRule):
+    """A rule assembled from the deprecated subclass hooks ``_preconditioner_fn`` and
+    ``_needs_state``; everything else comes from the rule the class inherited."""
 
-    Subclasses name their preconditioner function and implement :meth:`_group_threshold` and
-    :meth:`_coupled_weight_decay` from the table in SCIENCE.md.
+    base: StabilityRule = field(default_factory=StabilityRule)
+    fn: Any = None
+
+    def preconditioner(self, param: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor:
+        if self.fn is None:
+            return self.base.preconditioner(param, state, group)
+        return self.fn(param, state, group)  # type: ignore[no-any-return]
+
+    def threshold(self, group: Mapping[str, Any], lr: float) -> float:
+        return self.base.threshold(group, lr)
+
+    def coupled_weight_decay(self, group: Mapping[str, Any]) -> float:
+        return self.base.coupled_weight_decay(group)
+
+    def sign(self, group: Mapping[str, Any]) -> float:
+        return self.base.sign(group)
+
+    def transient_steps(self, group: Mapping[str, Any]) -> int:
+        return self.base.transient_steps(group)
+
+
+_LEGACY_HOOKS = ("_preconditioner_fn", "_needs_state")
+
+
+class StabilityMixin:
+    """Adds ``preconditioner()``, ``stability_threshold()``, ``sharpness()`` and ``measure()``
+    to a torch optimizer.
+
+    A subclass names its torch base class and its :class:`~stableopt.rules.StabilityRule`
+    explicitly (nothing is guessed from the MRO)::
+
+        class Adam(StabilityMixin, torch.optim.Adam, torch_class=torch.optim.Adam, rule=AdamRule()):
+            ...
+
+    and further subclasses (a user's ``class MyAdam(stableopt.Adam)``) inherit both.
     """
 
-    _preconditioner_fn: PreconditionerFn
     param_groups: list[dict[str, Any]]
     state: Any
+    #: the update rule's stability facts (preconditioner, threshold, decay, sign, transient)
+    stability_rule: StabilityRule
+    #: the ``torch.optim`` class whose ``step()`` this class runs unchanged
+    torch_class: type
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, torch_class: type | None = None, rule: StabilityRule | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        torch_cls = next(c for c in cls.__mro__ if c.__module__.startswith("torch.optim"))
-        base_step = torch_cls.step
-        while getattr(base_step, "hooked", False):  # torch's hook-running wrapper, see below
+        if rule is not None:
+            if not isinstance(rule, StabilityRule):
+                raise TypeError(f"rule must be a stableopt.rules.StabilityRule, got {type(rule).__name__}")
+            cls.stability_rule = rule
+        elif any(h in cls.__dict__ for h in _LEGACY_HOOKS):
+            warnings.warn(
+                f"{cls.__name__}: overriding _preconditioner_fn/_needs_state is deprecated; pass "
+                "rule=stableopt.rules.StabilityRule subclass instance in the class statement "
+                f"(class {cls.__name__}(..., rule=MyRule()))",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            base = getattr(cls, "stability_rule", StabilityRule())
+            cls.stability_rule = _LegacyRule(
+                needs_state=bool(getattr(cls, "_needs_state", base.needs_state)),
+                base=base,
+                fn=cls.__dict__["_preconditioner_fn"].__func__ if isinstance(cls.__dict__.get("_preconditioner_fn"), staticmethod) else getattr(cls, "_preconditioner_fn", None),
+            )
+        if torch_class is None:
+            if not hasattr(cls, "torch_class"):
+                raise TypeError(
+                    f"{cls.__name__} mixes in StabilityMixin without naming its torch optimizer: "
+                    f"class {cls.__name__}(StabilityMixin, torch.optim.X, torch_class=torch.optim.X, rule=...)"
+                )
+            return  # a subclass of a stableopt optimizer: same torch class, same __init__
+        if not (isinstance(torch_class, type) and issubclass(torch_class, torch.optim.Optimizer) and issubclass(cls, torch_class)):
+            raise TypeError(f"torch_class must be a torch.optim.Optimizer base class of {cls.__name__}, got {torch_class!r}")
+        if not hasattr(cls, "stability_rule"):
+            raise TypeError(f"{cls.__name__}: pass rule=... (a stableopt.rules.StabilityRule) with torch_class")
+        cls.torch_class = torch_class
+        base_step = torch_class.step
+        while getattr(base_step, "hooked", False):  # torch's hook-running wrapper, see step()
             base_step = base_step.__wrapped__
         cls._torch_step = base_step
 
         def __init__(self: StabilityMixin, *args: Any, guard: bool | LRGuard | None = None, **kw: Any) -> None:
-            torch_cls.__init__(self, *args, **kw)
+            torch_class.__init__(self, *args, **kw)
             self._stableopt_init()
             self._stableopt_set_guard(guard)
 
         # torch's signature plus one keyword-only ``guard`` (off by default)
-        signature = inspect.signature(torch_cls.__init__)
+        signature = inspect.signature(torch_class.__init__)
         guard_param = inspect.Parameter(
             "guard", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=bool | LRGuard | None
         )
@@ -66,7 +135,7 @@ class StabilityMixin:
             parameters=[*signature.parameters.values(), guard_param]
         )
         __init__.__doc__ = (
-            f"Same arguments and defaults as :class:`torch.optim.{torch_cls.__name__}`, plus "
+            f"Same arguments and defaults as :class:`torch.optim.{torch_class.__name__}`, plus "
             "``guard``: ``True`` or a :class:`stableopt.LRGuard` scales the lr when the measured "
             "edge ratio runs above the edge (off by default; see :mod:`stableopt.guard`)."
         )
@@ -78,6 +147,8 @@ class StabilityMixin:
         self._stableopt_step = 0
         self._stableopt_measurements = 0
         self._stableopt_warm: dict[str, Tensor] = {}
+        #: what hvp="auto" decided for this optimizer's model (see stableopt.backends)
+        self._stableopt_backend = BackendChoice()
         #: per-group multiplier applied to ``group["lr"]`` inside ``step()`` only (the guard's)
         self._stableopt_lr_scale: list[float] | None = None
         self._stableopt_measurement_hooks: OrderedDict[int, Callable[[Any, SharpnessReport], None]] = OrderedDict()
@@ -210,6 +281,7 @@ class StabilityMixin:
         live: bool = False,
         secant: bool | None = None,
         console: Any = None,
+        hvp: str = "auto",
     ) -> Any:
         """Measure ``sharpness(loss_fn, ...)`` after every ``every``-th ``step()``.
 
@@ -217,14 +289,16 @@ class StabilityMixin:
         ``k`` and ``tol`` default to 1, False, 1 and 1e-3, or, right after ``load_state_dict``
         of a checkpoint that had monitors, to that checkpoint's schedule. ``live=True`` shows a
         rich panel on a terminal (plain lines otherwise, to ``console`` if given);
-        ``secant=True`` records the per-step secant estimate (:mod:`stableopt.monitor`).
+        ``secant=True`` records the per-step secant estimate (:mod:`stableopt.monitor`);
+        ``hvp`` is the Hessian-vector-product backend of its measurements (see
+        :meth:`sharpness`).
 
         Returns:
             A :class:`stableopt.monitor.Monitor` handle with ``.remove()``.
         """
         return self._stableopt_components["monitors"].add(
             loss_fn, every=every, batches=batches, raw=raw, k=k, tol=tol, max_iters=max_iters,
-            live=live, secant=secant, console=console,
+            live=live, secant=secant, console=console, hvp=hvp,
         )
 
     def report(self, console: Any = None) -> None:
@@ -235,11 +309,10 @@ class StabilityMixin:
 
     # -- the rule ----------------------------------------------------------------------------
     def _group_threshold(self, group: Mapping[str, Any], lr: float) -> float:
-        """The threshold of ``group`` when its step uses learning rate ``lr``."""
-        raise NotImplementedError
+        return self.stability_rule.threshold(group, lr)
 
     def _coupled_weight_decay(self, group: Mapping[str, Any]) -> float:
-        return _float(group.get("weight_decay", 0.0))
+        return self.stability_rule.coupled_weight_decay(group)
 
     def preconditioner(self) -> list[Tensor]:
         """The diagonal P that the last step divided the gradient by, one tensor per parameter.
@@ -255,23 +328,22 @@ class StabilityMixin:
                 f"{type(self).__name__}.preconditioner() is defined by the optimizer state of the "
                 "last step; call step() first"
             )
-        return [
-            type(self)._preconditioner_fn(p, self.state.get(p, {}), group)
-            for group in self.param_groups
-            for p in group["params"]
-        ]
+        rule = self.stability_rule
+        return [rule.preconditioner(p, self.state.get(p, {}), group) for group in self.param_groups for p in group["params"]]
 
     def stability_threshold(self) -> list[float]:
-        """The stability threshold on λ_max(P⁻¹H) of each param group (SCIENCE.md table).
+        """The stability threshold on λ_max(P⁻¹H) of each param group (docs/science.md table).
 
         >>> opt = Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
         >>> [round(t) for t in opt.stability_threshold()]
         [38000]
         """
-        return [self._group_threshold(group, lr) for group, lr in zip(self.param_groups, self.effective_lr())]
+        rule = self.stability_rule
+        return [rule.threshold(group, lr) for group, lr in zip(self.param_groups, self.effective_lr())]
 
     def _sharpness_groups(self) -> list[SharpnessGroup]:
-        if self._stableopt_step == 0 and self._needs_state:
+        rule = self.stability_rule
+        if self._stableopt_step == 0 and rule.needs_state:
             raise RuntimeError(
                 f"{type(self).__name__}.sharpness() pairs the Hessian with the preconditioner of "
                 "the last step; call step() first"
@@ -282,17 +354,35 @@ class StabilityMixin:
             groups.append(
                 SharpnessGroup(
                     params=params,
-                    preconditioner=[
-                        type(self)._preconditioner_fn(p, self.state.get(p, {}), group) for p in params
-                    ],
-                    threshold=self._group_threshold(group, lr),
-                    sign=-1.0 if group.get("maximize", False) else 1.0,
-                    weight_decay=self._coupled_weight_decay(group),
+                    preconditioner=[rule.preconditioner(p, self.state.get(p, {}), group) for p in params],
+                    threshold=rule.threshold(group, lr),
+                    sign=rule.sign(group),
+                    weight_decay=rule.coupled_weight_decay(group),
                 )
             )
         return groups
 
-    _needs_state = True
+    @property
+    def hvp_backend(self) -> str | None:
+        """What ``hvp="auto"`` settled on for this optimizer's model (None before it measured)."""
+        return self._stableopt_backend.backend
+
+    def measure(self, loss_fn: Callable[..., Tensor], *, batches: Iterable[Any] | None = None, hvp: str = "auto") -> Any:
+        """A context in which this optimizer's curvature operators can be used by any estimator.
+
+        ``with opt.measure(loss_fn) as m:`` yields a :class:`stableopt.operator.Measurement`:
+        ``m.operator("preconditioned")`` is P^{-1/2}·H·P^{-1/2} (``"ratio"`` and ``"raw"``
+        likewise), with this optimizer's P, thresholds, coupled decay and sign, built on the
+        ``hvp`` backend, side-effect free on exit (see :func:`stableopt.measure`).
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+            >>> opt = SGD([w], lr=0.1)
+            >>> with opt.measure(lambda: (w ** 2).sum()) as m:
+            ...     m.operator("raw").matvec(torch.tensor([1.0, 0.0]))
+            tensor([2., 0.])
+        """
+        return measure(loss_fn, self._sharpness_groups(), batches=batches, hvp=check_backend(hvp), choice=self._stableopt_backend)
 
     def sharpness(
         self,
@@ -303,13 +393,13 @@ class StabilityMixin:
         k: int = 1,
         tol: float = 1e-3,
         max_iters: int | None = None,
+        hvp: str = "auto",
     ) -> SharpnessReport:
         """Measure λ_max(P⁻¹H), the edge ratio and optionally λ_max(H) at the current parameters.
 
-        Lanczos on P^{-1/2}·H·P^{-1/2} with Hessian-vector products by double backward through a
-        reused gradient graph, warm-started from the previous measurement's top Ritz vectors.
-        Parameters, ``.grad``, optimizer state, RNG streams and module buffers are left exactly
-        as they were.
+        Lanczos on P^{-1/2}·H·P^{-1/2}, warm-started from the previous measurement's top Ritz
+        vectors, on Hessian-vector products from the ``hvp`` backend. Parameters, ``.grad``,
+        optimizer state, RNG streams and module buffers are left exactly as they were.
 
         Args:
             loss_fn: ``loss_fn()`` returns the scalar loss through the model whose parameters
@@ -325,12 +415,18 @@ class StabilityMixin:
                 ≤ 3e-5 at the default). Being the top eigenvalue relies on the Krylov space
                 having found it (see :mod:`stableopt.eigen`).
             max_iters: Lanczos steps per solve (default min(#parameters, 100)).
+            hvp: how Hessian-vector products are computed: ``"auto"`` (default: double
+                backward where the model supports it, else finite differences, decided once
+                per optimizer by a real probe), ``"autograd"``, ``"fd"`` or ``"forward"``
+                (:mod:`stableopt.backends`). ``report.hvp_backend`` says which one measured.
 
         Returns:
             A :class:`~stableopt.SharpnessReport`.
 
         Raises:
-            RuntimeError: an adaptive optimizer before its first ``step()``.
+            RuntimeError: an adaptive optimizer before its first ``step()``;
+                :class:`~stableopt.hvp.DoubleBackwardError` for ``hvp="autograd"`` on a model
+                without double backward.
             TypeError / ValueError: bad ``loss_fn`` results or arguments (the message says which).
         """
         if not callable(loss_fn):
@@ -343,19 +439,21 @@ class StabilityMixin:
             raise ValueError(f"max_iters must be None or a positive integer, got {max_iters!r}")
         if not isinstance(raw, bool):
             raise TypeError(f"raw must be a bool, got {type(raw).__name__}")
+        check_backend(hvp)
         groups = self._sharpness_groups()
         generator = torch.Generator().manual_seed(START_VECTOR_SEED + self._stableopt_measurements)
         self._stableopt_measurements += 1
         report = estimate_sharpness(
             loss_fn, groups, batches=batches, raw=raw, k=k, tol=tol, max_iters=max_iters,
             step=self._stableopt_step, generator=generator, warm=self._stableopt_warm,
+            hvp=hvp, choice=self._stableopt_backend,
         )
         for hook in list(self._stableopt_measurement_hooks.values()):
             hook(self, report)
         return report
 
 
-class Adam(StabilityMixin, torch.optim.Adam):
+class Adam(StabilityMixin, torch.optim.Adam, torch_class=torch.optim.Adam, rule=_rules.AdamRule()):
     """``torch.optim.Adam`` that knows its edge: P = √v̂ + ε, threshold (2 + 2β1)/((1 − β1)η).
 
     Example:
@@ -369,45 +467,17 @@ class Adam(StabilityMixin, torch.optim.Adam):
         3800.0
     """
 
-    _preconditioner_fn = staticmethod(_pre.adam_preconditioner)
 
-    def _decoupled(self, group: Mapping[str, Any]) -> bool:
-        return bool(group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW)))
-
-    def _group_threshold(self, group: Mapping[str, Any], lr: float) -> float:
-        return _thr.adam_threshold(
-            lr, _float(group["betas"][0]),
-            weight_decay=_float(group["weight_decay"]), decoupled=self._decoupled(group),
-        )
-
-    def _coupled_weight_decay(self, group: Mapping[str, Any]) -> float:
-        return 0.0 if self._decoupled(group) else _float(group["weight_decay"])
-
-
-class AdamW(Adam, torch.optim.AdamW):
+class AdamW(Adam, torch.optim.AdamW, torch_class=torch.optim.AdamW, rule=_rules.AdamRule(decoupled=True)):
     """``torch.optim.AdamW`` that knows its edge: threshold (1 + β1)(2 − ηλ)/((1 − β1)η)."""
 
 
-class RMSprop(StabilityMixin, torch.optim.RMSprop):
+class RMSprop(StabilityMixin, torch.optim.RMSprop, torch_class=torch.optim.RMSprop, rule=_rules.RMSpropRule()):
     """``torch.optim.RMSprop`` that knows its edge: P = √v + ε, threshold 2/η ((2 + 2μ)/η)."""
 
-    _preconditioner_fn = staticmethod(_pre.rmsprop_preconditioner)
 
-    def _group_threshold(self, group: Mapping[str, Any], lr: float) -> float:
-        return _thr.rmsprop_threshold(lr, _float(group["momentum"]))
-
-
-class SGD(StabilityMixin, torch.optim.SGD):
+class SGD(StabilityMixin, torch.optim.SGD, torch_class=torch.optim.SGD, rule=_rules.SGDRule()):
     """``torch.optim.SGD`` that knows its edge: P = I, threshold 2/η or its momentum variant.
 
     Unlike the adaptive optimizers, ``sharpness()`` works before the first step (P = I).
     """
-
-    _preconditioner_fn = staticmethod(_pre.identity_preconditioner)
-    _needs_state = False
-
-    def _group_threshold(self, group: Mapping[str, Any], lr: float) -> float:
-        return _thr.sgd_threshold(
-            lr, _float(group["momentum"]), _float(group["dampening"]),
-            bool(group["nesterov"]),
-        )

@@ -15,21 +15,18 @@ All measurements leave parameters, ``.grad``, RNG streams and module buffers as 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
 
-from . import _precision
-from . import distributed as _dist
-from ._state import preserved_training_state
+from .backends import BackendChoice
 from .eigen import LanczosResult, lanczos
-from .hvp import HVP, make_hvp
+from .operator import CurvatureOperator, MeasuredGroup, Measurement, measure
 
 __all__ = ["SharpnessGroup", "SharpnessReport", "estimate_sharpness"]
 
@@ -55,23 +52,9 @@ WARM_STOP_BOUND = "gap"
 MAX_BASIS = 8
 
 
-@dataclass(frozen=True)
-class SharpnessGroup:
-    """One param group as the sharpness estimator sees it.
-
-    Attributes:
-        params: the group's parameters that require grad.
-        preconditioner: the diagonal P of each parameter (``inf`` for a frozen one).
-        threshold: the group's stability threshold τ on P⁻¹H (see :mod:`stableopt.thresholds`).
-        sign: −1 when the optimizer maximizes, else +1.
-        weight_decay: coupled weight decay λ (adds λI to the Hessian); 0 for decoupled decay.
-    """
-
-    params: Sequence[Tensor]
-    preconditioner: Sequence[Tensor]
-    threshold: float
-    sign: float = 1.0
-    weight_decay: float = 0.0
+#: One param group as the estimator sees it: params, preconditioner, threshold, sign, decay
+#: (the measurement seam's :class:`stableopt.operator.MeasuredGroup`, under its first name).
+SharpnessGroup = MeasuredGroup
 
 
 @dataclass(frozen=True)
@@ -93,6 +76,9 @@ class SharpnessReport:
         thresholds: τ of each param group.
         loss: the loss at the measured parameters.
         dtype: the floating-point type the Hessian-vector products ran in.
+        hvp_backend: how the Hessian-vector products were computed: ``"autograd"`` (double
+            backward), ``"fd"`` (finite differences of gradients) or ``"forward"``
+            (forward-over-reverse); with ``hvp="auto"`` the backend the probe settled on.
     """
 
     step: int
@@ -108,61 +94,26 @@ class SharpnessReport:
     thresholds: tuple[float, ...] = ()
     loss: float = math.nan
     dtype: str = "float32"
+    hvp_backend: str = "autograd"
 
     def __str__(self) -> str:
         raw = "" if self.raw is None else f", raw={self.raw:.6g}"
         return (
             f"step {self.step}: λ_max(P⁻¹H)={self.preconditioned:.6g}, threshold="
-            f"{self.threshold:.6g}, ratio={self.ratio:.4f}{raw} ({self.hvps} HVPs, "
+            f"{self.threshold:.6g}, ratio={self.ratio:.4f}{raw} ({self.hvps} HVPs [{self.hvp_backend}], "
             f"{self.seconds:.3f} s{'' if self.converged else ', NOT converged'})"
         )
 
 
-@dataclass
-class _Layout:
-    """Flattening of the measured parameters into one vector."""
-
-    params: list[Tensor]
-    numels: list[int]
-    dtype: torch.dtype
-    device: torch.device
-    n: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.n = sum(self.numels)
-
-    def flatten(self, tensors: Iterable[Tensor]) -> Tensor:
-        return torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
-
-    def unflatten(self, flat: Tensor) -> list[Tensor]:
-        return [c.view_as(p) for c, p in zip(flat.split(self.numels), self.params)]
-
-
-def _compute_dtype(params: Sequence[Tensor]) -> torch.dtype:
-    dtype = torch.float32
-    for p in params:
-        dtype = torch.promote_types(dtype, p.dtype)
-    return dtype
-
-
-def _per_coordinate(groups: Sequence[SharpnessGroup], values: Sequence[float], layout: _Layout) -> Tensor:
-    return torch.cat(
-        [
-            torch.full((p.numel(),), float(v), dtype=layout.dtype, device=layout.device)
-            for g, v in zip(groups, values)
-            for p in g.params
-        ]
-    )
-
-
-def _nan_report(step: int, k: int, groups: Sequence[SharpnessGroup], raw: bool, hvps: int, t0: float, loss: float, dtype: torch.dtype, why: str) -> SharpnessReport:
+def _nan_report(step: int, k: int, groups: Sequence[SharpnessGroup], raw: bool, m: Measurement, t0: float, why: str) -> SharpnessReport:
     warnings.warn(f"stableopt: sharpness at step {step} is not finite ({why}); reporting NaN", RuntimeWarning, stacklevel=3)
     nan = math.nan
     return SharpnessReport(
         step=step, preconditioned=nan, threshold=_common_threshold(groups), ratio=nan,
-        raw=nan if raw else None, eigenvalues=(nan,) * k, hvps=hvps, residual=nan,
-        converged=False, seconds=time.perf_counter() - t0,
-        thresholds=tuple(float(g.threshold) for g in groups), loss=loss, dtype=str(dtype).replace("torch.", ""),
+        raw=nan if raw else None, eigenvalues=(nan,) * k, hvps=m.products, residual=nan,
+        converged=False, seconds=m.agree_seconds(time.perf_counter() - t0),
+        thresholds=tuple(float(g.threshold) for g in groups), loss=m.loss,
+        dtype=str(m.space.dtype).replace("torch.", ""), hvp_backend=m.backend,
     )
 
 
@@ -201,8 +152,13 @@ def estimate_sharpness(
     step: int = 0,
     generator: torch.Generator | None = None,
     warm: MutableMapping[str, Tensor] | None = None,
+    hvp: str = "auto",
+    choice: BackendChoice | None = None,
 ) -> SharpnessReport:
     """Measure λ_max(P⁻¹H), the edge ratio and optionally λ_max(H) by Lanczos on HVPs.
+
+    A thin composition: :func:`stableopt.measure` yields the operators, :func:`stableopt.lanczos`
+    solves each (warm-started from ``warm``).
 
     Args:
         loss_fn: ``loss_fn()`` (or ``loss_fn(batch)``) returning the scalar loss through the
@@ -216,12 +172,16 @@ def estimate_sharpness(
             solve, ``WARM_STOP_BOUND`` for a warm-started one, see
             :func:`stableopt.eigen.lanczos`); ``report.residual`` is the rigorous bound that
             went with it (an eigenvalue lies within residual·|θ|): at most tol for a cold
-            solve, 2·tol (``GAP_RESIDUAL_CAP``) for a warm one.
+            solve, 2·tol (``GAP_RESIDUAL_CAP``) for a warm one. With ``hvp="fd"`` the operator
+            itself carries the finite-difference error (:mod:`stableopt.finite_difference`).
         max_iters: Hessian-vector products per solve at most (default min(n, 100)).
         step: recorded in the report.
         generator: random source for cold starts (default: a fixed seed).
         warm: a mapping that keeps the top Ritz vectors between calls (warm starts);
             updated in place.
+        hvp: how products are computed: ``"auto"`` (default), ``"autograd"``, ``"fd"`` or
+            ``"forward"`` (:mod:`stableopt.backends`).
+        choice: where ``hvp="auto"`` keeps its decision between calls.
 
     Returns:
         A :class:`SharpnessReport`. A non-finite loss or HVP gives NaN values with
@@ -234,89 +194,38 @@ def estimate_sharpness(
         >>> rep = estimate_sharpness(lambda: 0.5 * w @ H @ w, [g], tol=1e-6)
         >>> round(rep.preconditioned, 4), round(rep.ratio, 4)   # eig of P^-1/2 H P^-1/2
         (2.7071, 1.3536)
+        >>> rep.hvp_backend
+        'autograd'
     """
     t0 = time.perf_counter()
-    params = [p for g in groups for p in g.params]
-    if not params:
-        raise ValueError("there is no parameter with requires_grad=True to measure")
-    for p in params:
-        if p.is_complex():
-            raise TypeError(f"complex parameters are not supported, got a parameter of dtype {p.dtype}")
-        if p.grad is not None and p.grad.is_sparse:
-            raise TypeError("sparse gradients are not supported (nn.Embedding(sparse=True)?); use dense gradients")
-    devices = {p.device for p in params}
-    if len(devices) > 1:
-        raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
-    signs = {float(g.sign) for g in groups if len(g.params)}
-    if len(signs) > 1:
-        raise ValueError(
-            "param groups mix maximize=True and maximize=False; the update Jacobian is then not "
-            "symmetric and has no edge-of-stability threshold"
-        )
-    sign = signs.pop()
-    dtype = _compute_dtype(params)
-    layout = _Layout(params, [p.numel() for p in params], dtype, params[0].device)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    # torch.distributed: HVPs all-reduced across ranks, same report everywhere (distributed.py)
-    red = _dist.Reduction.begin(params)
-    if red is not None:
-        red.check(n=layout.n, k=k, raw=raw, tol=tol, max_iters=max_iters, step=step,
-                  batched=batches is not None, params=params)
+    fingerprint = {
+        "k": k, "raw": raw, "tol": tol, "max_iters": -1 if max_iters is None else max_iters, "step": step,
+    }
+    with measure(loss_fn, groups, batches=batches, hvp=hvp, choice=choice, fingerprint=fingerprint) as m:
+        if not math.isfinite(m.loss):
+            return _nan_report(step, k, groups, raw, m, t0, "the loss is not finite")
 
-    with preserved_training_state() as rng, _dist.quiet_ddp(), _precision.float32_measurement(params) as upcast:
-        def build() -> HVP:
-            return _precision.explained(
-                upcast, lambda: make_hvp(loss_fn, params, batches=batches, before_forward=rng.restore)
-            )
-
-        hvp: HVP = build() if red is None else red.first_evaluation(build)
-        loss = float(hvp.loss)
-        if not math.isfinite(loss):
-            return _agree(red, _nan_report(step, k, groups, raw, 0, t0, loss, dtype, "the loss is not finite"))
-
-        decay = [float(g.weight_decay) for g in groups]
-        lam = _per_coordinate(groups, decay, layout) if any(decay) else None
-
-        def operator(d: Tensor | None) -> Callable[[Tensor], Tensor]:
-            def matvec(u: Tensor) -> Tensor:
-                x = u if d is None else d * u
-                y = layout.flatten(hvp(layout.unflatten(x)))
-                if sign != 1.0:
-                    y = y.mul_(sign)
-                if lam is not None:
-                    y = y.add_(lam * x)
-                return y if d is None else y.mul_(d)
-
-            return matvec
-
-        def solve(key: str, d: Tensor | None, kk: int) -> LanczosResult:
-            v0 = _warm_start(warm, key, layout.n, dtype, layout.device)
-            cold = v0 is None
-            if red is not None:  # every rank starts from rank 0's vector, cold or warm as it is
-                v0, cold = red.start_vector(v0, layout.n, generator, dtype, layout.device)
+        def solve(op: CurvatureOperator, kk: int) -> LanczosResult:
+            v0, cold = op.start(_warm_start(warm, op.kind, op.local_size, op.dtype, op.device), generator)
             res = lanczos(
-                operator(d), v0, n=layout.n, k=kk, tol=tol, max_iters=max_iters,
-                min_iters=1 if cold else WARM_MIN_ITERS, generator=generator,
-                bound=STOP_BOUND if cold else WARM_STOP_BOUND,
-                dtype=dtype, device=layout.device, num_vectors=kk + 1, max_basis=max(MAX_BASIS, 2 * kk + 4),
+                op, v0, k=kk, tol=tol, max_iters=max_iters, min_iters=1 if cold else WARM_MIN_ITERS,
+                generator=generator, bound=STOP_BOUND if cold else WARM_STOP_BOUND,
+                num_vectors=kk + 1, max_basis=max(MAX_BASIS, 2 * kk + 4),
             )
             if warm is not None and res.finite:
-                warm[key] = res.eigenvectors.detach().clone()
+                warm[op.kind] = res.eigenvectors.detach().clone()
             return res
 
-        precond = layout.flatten(P for g in groups for P in g.preconditioner)
-        d_pre = precond.rsqrt()
-        results = [solve("preconditioned", d_pre, k)]
+        results = [solve(m.operator("preconditioned"), k)]
         common = _common_threshold(groups)
         if math.isnan(common):
-            taus = _per_coordinate(groups, [g.threshold for g in groups], layout)
-            results.append(solve("ratio", (taus * precond).rsqrt(), 1))
+            results.append(solve(m.operator("ratio"), 1))
         if raw:
-            results.append(solve("raw", None, 1))
+            results.append(solve(m.operator("raw"), 1))
 
-    hvps = hvp.calls
     if not all(r.finite for r in results):
-        return _agree(red, _nan_report(step, k, groups, raw, hvps, t0, loss, dtype, "a Hessian-vector product is not finite"))
+        return _nan_report(step, k, groups, raw, m, t0, "a Hessian-vector product is not finite")
     eig = tuple(float(x) for x in results[0].eigenvalues)
     pre = eig[0]
     if math.isnan(common):
@@ -324,26 +233,19 @@ def estimate_sharpness(
         threshold = pre / ratio if ratio != 0 else math.nan
     else:
         ratio, threshold = pre / common, common
-    residuals = [float(r.residuals.max()) for r in results]
-    return _agree(red, SharpnessReport(
+    return SharpnessReport(
         step=step,
         preconditioned=pre,
         threshold=threshold,
         ratio=ratio,
         raw=float(results[-1].eigenvalues[0]) if raw else None,
         eigenvalues=eig,
-        hvps=hvps,
-        residual=max(residuals),
+        hvps=m.products,
+        residual=max(float(r.residuals.max()) for r in results),
         converged=all(r.converged for r in results),
-        seconds=time.perf_counter() - t0,
+        seconds=m.agree_seconds(time.perf_counter() - t0),
         thresholds=tuple(float(g.threshold) for g in groups),
-        loss=loss,
-        dtype=str(dtype).replace("torch.", ""),
-    ))
-
-
-def _agree(red: _dist.Reduction | None, report: SharpnessReport) -> SharpnessReport:
-    """Distributed: every rank reports the slowest rank's wall time, so reports are identical."""
-    if red is None:
-        return report
-    return dataclasses.replace(report, seconds=red.agree_seconds(report.seconds))
+        loss=m.loss,
+        dtype=str(m.space.dtype).replace("torch.", ""),
+        hvp_backend=m.backend,
+    )

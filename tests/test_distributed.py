@@ -197,18 +197,6 @@ def _scenarios(rank: int) -> None:
             assert r.converged and math.isfinite(r.ratio), options
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())), options
 
-    # --- FSDP2 (sharded DTensor parameters): a clear TypeError, on every rank -----------------
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:
-        return
-    sharded = _model()
-    fully_shard(sharded, mesh=init_device_mesh("cpu", (WORLD,)))
-    s_opt = stableopt.SGD(sharded.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match="sharded parameters are not supported yet.*DTensor"):
-        s_opt.sharpness(lambda: mse(sharded(x), y))
-
 
 def _free_init_file() -> str:
     fd, path = tempfile.mkstemp(prefix="stableopt-dist-")

@@ -1,0 +1,297 @@
+"""The measurement seam: a context that turns (param groups, loss, HVP backend) into operators.
+
+::
+
+    with stableopt.measure(loss_fn, groups, hvp="auto") as m:      # or opt.measure(loss_fn)
+        op = m.operator("preconditioned")                          # P^{-1/2}·H·P^{-1/2}
+        result = stableopt.lanczos(op, k=1, tol=1e-3, generator=g)
+
+Inside :func:`measure` everything a measurement must guarantee holds, once, for every
+estimator: RNG streams and module buffers are restored on exit and dropout masks are replayed
+in every product (:mod:`stableopt._state`); low-precision parameters are measured in float32
+(:mod:`stableopt._precision`); DDP modules run as in ``no_sync()`` and products are reduced
+across ranks with an agreed failure at every product (:mod:`stableopt.distributed`); FSDP2
+shards are handled by the vector space (:mod:`stableopt.space`). What it yields is a
+:class:`Measurement`, whose :meth:`~Measurement.operator` gives :class:`CurvatureOperator`\\ s:
+
+* ``"preconditioned"``: D·(s·H + Λ)·D with D = P^{-1/2} (eigenvalues of P⁻¹H);
+* ``"ratio"``: D = (τ·P)^{-1/2} per coordinate (its λ_max is the dimensionless edge ratio);
+* ``"raw"``: s·H + Λ,
+
+where s = −1 under ``maximize`` and Λ = λI on groups with coupled weight decay: the Hessian
+of the objective the optimizer descends (docs/science.md). An operator knows its size, dtype,
+device, how to multiply (``matvec``), inner products and norms (all-reduced when the
+parameters are sharded), start vectors, and how many products the measurement has used;
+estimators (:func:`stableopt.lanczos`, ...) need nothing else and know nothing of optimizers,
+backends or ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _precision
+from . import distributed as _dist
+from ._state import preserved_training_state
+from .backends import BackendChoice, build_product, check_backend
+from .hvp import batch_weights
+from .space import ParameterSpace, is_dtensor
+
+__all__ = ["KINDS", "CurvatureOperator", "Measurement", "MeasuredGroup", "measure"]
+
+#: the operators a measurement provides (see the module docs)
+KINDS = ("preconditioned", "ratio", "raw")
+
+
+@dataclass(frozen=True)
+class MeasuredGroup:
+    """One param group as a measurement sees it (:class:`stableopt.SharpnessGroup` is this).
+
+    Attributes:
+        params: the group's parameters that require grad.
+        preconditioner: the diagonal P of each parameter (``inf`` for a frozen one).
+        threshold: the group's stability threshold τ on P⁻¹H (see :mod:`stableopt.thresholds`).
+        sign: −1 when the optimizer maximizes, else +1.
+        weight_decay: coupled weight decay λ (adds λI to the Hessian); 0 for decoupled decay.
+    """
+
+    params: Sequence[Tensor]
+    preconditioner: Sequence[Tensor]
+    threshold: float
+    sign: float = 1.0
+    weight_decay: float = 0.0
+
+
+def _compute_dtype(params: Sequence[Tensor]) -> torch.dtype:
+    dtype = torch.float32
+    for p in params:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
+def _check_groups(groups: Sequence[MeasuredGroup]) -> tuple[list[Tensor], float]:
+    params = [p for g in groups for p in g.params]
+    if not params:
+        raise ValueError("there is no parameter with requires_grad=True to measure")
+    for p in params:
+        if p.is_complex():
+            raise TypeError(f"complex parameters are not supported, got a parameter of dtype {p.dtype}")
+        if p.grad is not None and p.grad.is_sparse:
+            raise TypeError("sparse gradients are not supported (nn.Embedding(sparse=True)?); use dense gradients")
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+    signs = {float(g.sign) for g in groups if len(g.params)}
+    if len(signs) > 1:
+        raise ValueError(
+            "param groups mix maximize=True and maximize=False; the update Jacobian is then not "
+            "symmetric and has no edge-of-stability threshold"
+        )
+    return params, signs.pop()
+
+
+class CurvatureOperator:
+    """x ↦ D·(s·H + Λ)·D·x on the measured parameters, as a flat (local) vector.
+
+    Attributes:
+        kind: ``"preconditioned"``, ``"ratio"`` or ``"raw"``.
+        size: the dimension n (global: all shards together).
+        local_size: the length of the vectors this rank holds.
+        dtype, device: of the vectors.
+    """
+
+    def __init__(self, measurement: Measurement, kind: str, d: Tensor | None) -> None:
+        self._m = measurement
+        self.kind = kind
+        self._d = d
+        space = measurement.space
+        self.space = space
+        self.size, self.local_size = space.size, space.local_size
+        self.dtype, self.device = space.dtype, space.device
+
+    def matvec(self, x: Tensor) -> Tensor:
+        """The product with a 1-D (local) vector ``x``; one Hessian-vector product."""
+        m, d = self._m, self._d
+        u = x if d is None else d * x
+        y = m.space.flatten(m.product(m.space.unflatten(u)))
+        if m.sign != 1.0:
+            y = y.mul_(m.sign)
+        if m.decay is not None:
+            y = y.add_(m.decay * u)
+        return y if d is None else y.mul_(d)
+
+    __call__ = matvec
+
+    def dot(self, x: Tensor, y: Tensor) -> Tensor:
+        """xᵀy (all-reduced when sharded), a 0-dim tensor."""
+        return self.space.dot(x, y)
+
+    def norm(self, x: Tensor) -> Tensor:
+        """‖x‖₂ (all-reduced when sharded), a 0-dim tensor."""
+        return self.space.norm(x)
+
+    def inner(self, block: Tensor, w: Tensor) -> Tensor:
+        """``block @ w`` for a 2-D block of vectors (all-reduced when sharded)."""
+        return self.space.inner(block, w)
+
+    def random(self, generator: torch.Generator) -> Tensor:
+        """A standard normal vector (this rank's shard of it) drawn from ``generator``."""
+        return self.space.random(generator)
+
+    def start(self, v0: Tensor | None, generator: torch.Generator) -> tuple[Tensor, bool]:
+        """The start vector every rank uses (``v0``, or a random one) and whether it is cold."""
+        red = self._m.reduction
+        if red is None:
+            return (self.random(generator), True) if v0 is None else (v0, False)
+        return red.start_vector(v0, lambda: self.random(generator))
+
+    @property
+    def products(self) -> int:
+        """Hessian-vector products the measurement has computed so far (all its operators)."""
+        return self._m.products
+
+    @property
+    def loss(self) -> float:
+        return self._m.loss
+
+    @property
+    def backend(self) -> str:
+        return self._m.backend
+
+    def __repr__(self) -> str:
+        return f"CurvatureOperator(kind={self.kind!r}, size={self.size}, dtype={self.dtype}, backend={self.backend!r})"
+
+
+class Measurement:
+    """What :func:`measure` yields: the measured space, the product, and operators built on them.
+
+    Attributes:
+        groups: the param groups measured.
+        space: the :class:`~stableopt.space.ParameterSpace` of their parameters.
+        sign: −1.0 under ``maximize``, else +1.0.
+        reduction: the distributed reduction (None in one process).
+        loss: the loss at the measured parameters (reduced across ranks).
+    """
+
+    def __init__(self, groups: Sequence[MeasuredGroup], space: ParameterSpace, product: Any, sign: float, reduction: Any) -> None:
+        self.groups = list(groups)
+        self.space = space
+        self.product = product
+        self.sign = sign
+        self.reduction = reduction
+        self.loss = float(product.loss)
+        counts = [len(g.params) for g in self.groups]
+        decay = [float(g.weight_decay) for g in self.groups]
+        self.decay = space.full(decay, counts) if any(decay) else None
+        self._counts = counts
+        self._precond: Tensor | None = None
+
+    @property
+    def backend(self) -> str:
+        """The HVP backend the products use (``"autograd"``, ``"fd"`` or ``"forward"``)."""
+        return str(self.product.backend)
+
+    @property
+    def products(self) -> int:
+        return int(self.product.calls)
+
+    def preconditioner(self) -> Tensor:
+        """P of every measured coordinate, flat (local)."""
+        if self._precond is None:
+            self._precond = self.space.flatten([_local(P) for g in self.groups for P in g.preconditioner])
+        return self._precond
+
+    def thresholds(self) -> Tensor:
+        """τ of every measured coordinate, flat (local)."""
+        return self.space.full([g.threshold for g in self.groups], self._counts)
+
+    def operator(self, kind: str = "preconditioned") -> CurvatureOperator:
+        """The operator ``kind`` (one of :data:`KINDS`, see the module docs)."""
+        if kind == "preconditioned":
+            return CurvatureOperator(self, kind, self.preconditioner().rsqrt())
+        if kind == "ratio":
+            return CurvatureOperator(self, kind, (self.thresholds() * self.preconditioner()).rsqrt())
+        if kind == "raw":
+            return CurvatureOperator(self, kind, None)
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+    def agree_seconds(self, seconds: float) -> float:
+        """Distributed: the slowest rank's seconds, so every rank reports identical numbers."""
+        return seconds if self.reduction is None else self.reduction.agree_seconds(seconds)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined,no-any-return]
+
+
+@contextlib.contextmanager
+def measure(
+    loss_fn: Callable[..., Tensor],
+    groups: Sequence[MeasuredGroup],
+    *,
+    batches: Iterable[Any] | None = None,
+    hvp: str = "auto",
+    choice: BackendChoice | None = None,
+    fingerprint: Mapping[str, float] | None = None,
+) -> Iterator[Measurement]:
+    """Measure the Hessian of ``loss_fn`` at the current parameters of ``groups``.
+
+    Args:
+        loss_fn: ``loss_fn()`` (or ``loss_fn(batch)``) returning the scalar loss through the
+            parameters in ``groups``.
+        groups: the param groups, with their preconditioners, thresholds, sign and decay.
+        batches: optional re-iterable of batches (batch-size-weighted mean Hessian).
+        hvp: the Hessian-vector-product backend (:mod:`stableopt.backends`).
+        choice: where ``hvp="auto"`` keeps its decision between measurements.
+        fingerprint: distributed runs: values every rank must agree on (the estimator's
+            arguments); checked with one collective before anything else.
+
+    Yields:
+        A :class:`Measurement`. On exit parameters, ``.grad``, RNG streams and module buffers
+        are as they were.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        >>> H = torch.tensor([[4.0, 1.0], [1.0, 2.0]])
+        >>> g = MeasuredGroup([w], [torch.ones(2)], threshold=2.0)
+        >>> with measure(lambda: 0.5 * w @ H @ w, [g]) as m:
+        ...     op = m.operator("raw")
+        ...     op.matvec(torch.tensor([1.0, 0.0]))
+        tensor([4., 1.])
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    check_backend(hvp)
+    params, sign = _check_groups(groups)
+    space = ParameterSpace(params, _compute_dtype(params))
+    red = _dist.Reduction.begin(params, sharded=space.sharded, group=space.group)
+    if red is not None:
+        red.check({"number of parameters": space.size, "batches given": batches is not None, **(fingerprint or {})}, params)
+    loss_scale = 1.0
+    if red is not None and space.sharded:
+        loss_scale = red.loss_scale(batch_weights(batches)[1] if batches is not None else None)
+    agree = red.any if red is not None else (lambda *flags: tuple(flags))
+    replicated = [p for p in params if not is_dtensor(p)]
+
+    def max_abs(tensors: Sequence[Tensor]) -> float:
+        return space.max_abs(torch.cat([t.detach().reshape(-1).to(space.dtype) for t in tensors]))
+
+    with preserved_training_state() as rng, _dist.quiet_ddp(), _precision.float32_measurement(replicated) as upcast:
+
+        def build() -> Any:
+            return _precision.explained(
+                upcast,
+                lambda: build_product(
+                    hvp, loss_fn, params, batches=batches, before_forward=rng.restore, sharded=space.sharded,
+                    max_abs=max_abs, choice=choice, agree=agree, loss_scale=loss_scale,
+                ),
+            )
+
+        product = build() if red is None else red.first_evaluation(build)
+        yield Measurement(groups, space, product, sign, red)
+
