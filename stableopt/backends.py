@@ -4,7 +4,8 @@
   exact and the fastest where it works (1.1–1.3 gradients per product on CPU).
 * ``"fd"`` — central differences of gradients (:mod:`stableopt.finite_difference`): two
   ordinary backward passes per product, so it works through flash/efficient attention,
-  ``torch.compile``, activation checkpointing, custom kernels and FSDP2; accurate to O(u^{2/3}).
+  ``torch.compile``, activation checkpointing, custom kernels and FSDP2; relative error about
+  1e-5 in float32 and 1e-9 in float64 on the test networks.
 * ``"forward"`` — forward-over-reverse with ``torch.func`` (:mod:`stableopt.forward_ad`): exact,
   where the model supports forward-mode AD; never chosen by ``"auto"``.
 * ``"auto"`` (the default) — ``"autograd"`` when double backward works on this model, otherwise
@@ -159,8 +160,7 @@ def build_product(
     """The product v ↦ H·v of ``hvp`` (see the module docs for ``"auto"``), ready to use.
 
     Raises:
-        DoubleBackwardError: ``hvp="autograd"`` on a model without double backward (or with
-            sharded parameters).
+        DoubleBackwardError: ``hvp="autograd"`` on a model without double backward.
         ForwardADError: ``hvp="forward"`` where forward-mode AD fails.
     """
     check_backend(hvp)
@@ -173,14 +173,7 @@ def build_product(
 
     if hvp == "fd":
         return fd()
-    if sharded:
-        if hvp != "auto":
-            raise DoubleBackwardError(
-                RuntimeError(
-                    f"hvp={hvp!r} cannot differentiate sharded (DTensor, FSDP2) parameters: FSDP "
-                    "reshards them after forward, so the graph holds other tensors"
-                )
-            )
+    if sharded:  # "auto" (measure() refuses the other backends for sharded parameters)
         if choice.backend != "fd":
             choice.backend, choice.reason = "fd", "sharded (DTensor) parameters: FSDP2 has no double backward"
         return fd()

@@ -42,6 +42,7 @@ this by itself: it runs in ``step()``). To measure one rank's shard alone, use
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -52,22 +53,33 @@ from .space import local_tensor
 
 __all__ = ["Reduction", "active", "configure", "local", "quiet_ddp"]
 
-_CONFIG: dict[str, Any] = {"enabled": True, "process_group": None}
+_CONFIG: dict[str, Any] = {"enabled": True, "process_group": None, "sharded_timeout": 300.0}
 _LOCAL_DEPTH = [0]
 
 
-def configure(*, enabled: bool = True, process_group: Any = None) -> None:
+def configure(*, enabled: bool = True, process_group: Any = None, sharded_timeout: float | None = None) -> None:
     """Set how measurements behave under ``torch.distributed``.
 
     Args:
         enabled: all-reduce measurements across the process group (the default). ``False``:
-            every rank measures its own shard alone, with no communication.
+            every rank measures its own shard alone, with no communication (replicated
+            parameters only; a shard of an FSDP2 model is not a model).
         process_group: the group to reduce over (default: the default group, ``WORLD``).
+        sharded_timeout: seconds a collective may wait during a measurement of sharded
+            (FSDP2) parameters before it fails (default 300; None keeps the current value).
+            FSDP's own collectives run inside every product, so a rank whose ``loss_fn``
+            raises leaves the others waiting in them: the shorter timeout makes them raise
+            too, instead of waiting for the process group's own (30 minutes for gloo). The
+            group's timeout is put back when the measurement ends.
 
     >>> configure(enabled=True)   # the default
     """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    if sharded_timeout is not None:
+        if isinstance(sharded_timeout, bool) or not isinstance(sharded_timeout, (int, float)) or not sharded_timeout > 0:
+            raise ValueError(f"sharded_timeout must be a positive number of seconds, got {sharded_timeout!r}")
+        _CONFIG["sharded_timeout"] = float(sharded_timeout)
     _CONFIG["enabled"] = enabled
     _CONFIG["process_group"] = process_group
 
@@ -132,7 +144,44 @@ class Reduction:
             group, size = _group_and_size()
         if size <= 1:
             return None
-        return cls(group, size, local_tensor(params[0]).device, sharded=sharded)
+        red = cls(group, size, local_tensor(params[0]).device, sharded=sharded)
+        if sharded:
+            red._bound_timeout()
+        return red
+
+    def _bound_timeout(self) -> None:
+        """Sharded: lower the group's timeout to ``sharded_timeout`` until :meth:`close`."""
+        c10d = torch.distributed.distributed_c10d
+        group = self.group if self.group is not None else c10d._get_default_group()
+        try:
+            backend = group._get_backend(self.device)
+            previous = backend.options._timeout
+            c10d._set_pg_timeout(datetime.timedelta(seconds=_CONFIG["sharded_timeout"]), group)
+        except (AttributeError, RuntimeError, ValueError, TypeError):  # pragma: no cover - other backends
+            return
+        self._restore = lambda: c10d._set_pg_timeout(previous, group)
+
+    _restore: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        """Undo what :meth:`begin` changed (the sharded timeout)."""
+        restore, self._restore = self._restore, None
+        if restore is not None:
+            restore()
+
+    def sharded_failure(self, exc: BaseException, where: str) -> RuntimeError:
+        """The error a rank raises when ``where`` failed during a sharded measurement.
+
+        No collective follows: the other ranks may be inside FSDP's collectives, which a
+        failed rank can no longer match; they raise when those time out (``sharded_timeout``).
+        """
+        return RuntimeError(
+            f"stableopt: {where} failed on rank {self.rank} of {self.world_size} during a sharded "
+            f"(FSDP2) measurement: {type(exc).__name__}: {exc}. If that is a timeout, another "
+            "rank failed first (see its traceback). Ranks still inside FSDP's collectives raise "
+            "when those time out (stableopt.distributed.configure(sharded_timeout=...)); the "
+            "process group is then out of step: end the job"
+        )
 
     # -- collectives ---------------------------------------------------------------------------
     def _all_reduce(self, t: Tensor, op: Any = None) -> Tensor:
@@ -192,6 +241,8 @@ class Reduction:
         try:
             hvp = build()
         except BaseException as exc:  # noqa: BLE001 - re-raised below, on every rank
+            if self.sharded and not isinstance(exc, (TypeError, ValueError)):
+                raise self.sharded_failure(exc, "the first evaluation of loss_fn") from exc
             error = exc
         samples = getattr(hvp, "samples", None) if hvp is not None else None
         loss = float(hvp.loss) if hvp is not None else math.nan
@@ -250,10 +301,12 @@ class _CollectiveHVP:
     """An :class:`~stableopt.hvp.HVP` whose every product ends with one collective on all ranks.
 
     Replicated parameters: the products are all-reduced (Σ_r w_r·H_r·v) together with a failure
-    flag. Sharded parameters: FSDP's backward has already reduced them; only the flag is
-    all-reduced. Either way a product that raises on one rank (an exception in ``loss_fn``, a
-    KeyboardInterrupt) makes every rank raise after the same collective, never leaves the
-    others waiting in the next one.
+    flag, so a product that raises on one rank (an exception in ``loss_fn``, a
+    KeyboardInterrupt) makes every rank raise after the same collective and never leaves the
+    others waiting in the next one. Sharded parameters: FSDP's backward has already reduced
+    the products, and a rank that fails is inside FSDP's own collectives, where no flag can
+    reach the others: it raises at once and the others raise when their collective times out
+    (``sharded_timeout``, see :func:`configure`).
     """
 
     def __init__(self, hvp: Any, reduction: Reduction) -> None:
@@ -275,18 +328,20 @@ class _CollectiveHVP:
         red = self._reduction
         error: BaseException | None = None
         out: list[Tensor] = []
+        if red.sharded:  # FSDP's collectives inside the product already keep ranks in step
+            try:
+                return self._hvp(vectors)  # type: ignore[no-any-return]
+            except BaseException as exc:
+                raise red.sharded_failure(exc, "a Hessian-vector product") from exc
         try:
             out = self._hvp(vectors)
         except BaseException as exc:  # noqa: BLE001 - re-raised below, on every rank
             error = exc
         like = vectors if error is not None else out
         flag = torch.tensor([float(error is not None)], dtype=like[0].dtype, device=like[0].device)
-        if red.sharded:
-            buf = flag
-        else:
-            parts = [torch.zeros_like(v).reshape(-1) for v in vectors] if error is not None else [o.reshape(-1) for o in out]
-            buf = torch.cat([*parts, flag])
-            buf[:-1].mul_(red.weight)
+        parts = [torch.zeros_like(v).reshape(-1) for v in vectors] if error is not None else [o.reshape(-1) for o in out]
+        buf = torch.cat([*parts, flag])
+        buf[:-1].mul_(red.weight)
         red._all_reduce(buf)
         if error is not None:
             raise error
@@ -296,8 +351,6 @@ class _CollectiveHVP:
                 "ranks during a distributed measurement (this rank's succeeded); see the failing "
                 "ranks' tracebacks"
             )
-        if red.sharded:
-            return out
         flat = buf[:-1]
         return [c.view_as(o) for c, o in zip(flat.split([o.numel() for o in out]), out)]
 

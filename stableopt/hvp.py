@@ -116,12 +116,43 @@ class DoubleBackwardError(RuntimeError):
         )
 
 
+#: The node torch puts where a ``@once_differentiable`` backward ran under ``create_graph``: its
+#: outputs are cut from the parameters, so differentiating through it silently gives zero.
+_CUT_NODE = "torch::autograd::Error"
+
+
+def _check_differentiable(grads: Sequence[Tensor | None]) -> None:
+    """DoubleBackwardError if the gradient graph goes through a ``@once_differentiable`` backward.
+
+    torch only raises there when the cut-off outputs are differentiated directly; through a
+    model it reports the parameters as unused and the second derivative comes out as zero, so
+    the graph is searched for the node it leaves instead (one walk over the backward graph).
+    """
+    stack = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.name() == _CUT_NODE:
+            raise DoubleBackwardError(
+                RuntimeError(
+                    "the gradient goes through a custom autograd.Function whose backward is marked "
+                    "@once_differentiable (a torch::autograd::Error node): torch cannot "
+                    "differentiate it and would silently give a zero second derivative"
+                )
+            )
+        stack.extend(fn for fn, _ in node.next_functions)
+
+
 def _gradients(loss: Tensor, params: Sequence[Tensor], where: str) -> list[Tensor | None]:
     try:
         grads = list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
     except (RuntimeError, NotImplementedError) as exc:
         raise DoubleBackwardError(exc) from exc
     check_gradients(grads, where)
+    _check_differentiable(grads)
     return grads
 
 
@@ -231,7 +262,10 @@ def make_hvp(
             it to replay the same dropout masks in every product).
 
     The gradient graph of a single loss is built once and reused, and nothing is written to
-    ``p.grad``.
+    ``p.grad``. A custom ``autograd.Function`` whose backward is not itself differentiable must
+    be marked ``@once_differentiable`` (then this raises); one that is not marked but calls
+    ``.detach()`` or NumPy in its backward gets a silently truncated second derivative from
+    torch, which no check can see: use the ``"fd"`` backend for such models.
 
     Raises:
         DoubleBackwardError: the model has no double backward (a ``RuntimeError``; use the

@@ -29,6 +29,7 @@ backends or ranks.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -39,7 +40,7 @@ from . import _precision
 from . import distributed as _dist
 from ._state import preserved_training_state
 from .backends import BackendChoice, build_product, check_backend
-from .hvp import batch_weights
+from .hvp import DoubleBackwardError, batch_weights
 from .space import ParameterSpace, is_dtensor
 
 __all__ = ["KINDS", "CurvatureOperator", "Measurement", "MeasuredGroup", "measure"]
@@ -269,9 +270,29 @@ def measure(
     check_backend(hvp)
     params, sign = _check_groups(groups)
     space = ParameterSpace(params, _compute_dtype(params))
+    if space.sharded and hvp not in ("auto", "fd"):  # before any collective: every rank raises
+        raise DoubleBackwardError(
+            RuntimeError(
+                f"hvp={hvp!r} cannot measure sharded (DTensor, FSDP2) parameters: FSDP reshards "
+                "them after forward, so a graph never holds the parameters themselves"
+            )
+        )
     red = _dist.Reduction.begin(params, sharded=space.sharded, group=space.group)
-    if red is not None:
-        red.check({"number of parameters": space.size, "batches given": batches is not None, **(fingerprint or {})}, params)
+    with contextlib.ExitStack() as stack:
+        if red is not None:
+            stack.callback(red.close)
+            agreed = {"number of parameters": space.size, "batches given": batches is not None, **(fingerprint or {})}
+            if space.sharded and batches is not None:  # FSDP: the same passes (collectives) everywhere
+                agreed["number of batches (FSDP runs one forward per batch on every rank)"] = len(batch_weights(batches)[0])
+            red.check(agreed, params)
+        yield from _measure(loss_fn, groups, space, sign, red, batches, hvp, choice)
+
+
+def _measure(
+    loss_fn: Callable[..., Tensor], groups: Sequence[MeasuredGroup], space: ParameterSpace, sign: float,
+    red: Any, batches: Iterable[Any] | None, hvp: str, choice: BackendChoice | None,
+) -> Iterator[Measurement]:
+    params = space.params
     loss_scale = 1.0
     if red is not None and space.sharded:
         loss_scale = red.loss_scale(batch_weights(batches)[1] if batches is not None else None)
@@ -281,7 +302,15 @@ def measure(
     def max_abs(tensors: Sequence[Tensor]) -> float:
         return space.max_abs(torch.cat([t.detach().reshape(-1).to(space.dtype) for t in tensors]))
 
-    with preserved_training_state() as rng, _dist.quiet_ddp(), _precision.float32_measurement(replicated) as upcast:
+    with (
+        warnings.catch_warnings(),
+        preserved_training_state() as rng,
+        _dist.quiet_ddp(),
+        _precision.float32_measurement(replicated) as upcast,
+    ):
+        # the global hooks above also fire for torch.compile's wrapper module, harmlessly (they
+        # record a module once and restore symmetrically); torch warns about it on every call
+        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
 
         def build() -> Any:
             return _precision.explained(

@@ -145,6 +145,39 @@ def _scenarios(rank: int) -> None:
         opt.sharpness(flaky)
     assert all(torch.equal(a, b) for a, b in zip(ddp.parameters(), twin.parameters()))
 
+    # --- a rank that fails mid-solve (after the first evaluation): every rank raises after the
+    # same product's collective, and the process group stays in step for training -----------
+    calls = [0]
+
+    def fails_later():
+        calls[0] += 1
+        if rank == 1 and calls[0] == 4:
+            raise ValueError("rank 1 failed in its 4th loss evaluation")
+        return loss_fn()
+
+    for hvp in ("autograd", "fd"):  # (autograd re-evaluates loss_fn per product only with batches)
+        calls[0] = 0
+        err = ValueError if rank == 1 else RuntimeError
+        pattern = "4th loss evaluation" if rank == 1 else "Hessian-vector product failed on 1 of 2 ranks"
+        with pytest.raises(err, match=pattern):
+            opt.sharpness(lambda batch: fails_later(), batches=[(x, y)], tol=1e-12, hvp=hvp)
+    _train(ddp, opt, x, y, 1)
+    _train(twin, opt_twin, x, y, 1)
+    assert all(torch.equal(a, b) for a, b in zip(ddp.parameters(), twin.parameters()))
+
+    # --- every backend through DDP: the same values, identical on every rank -----------------
+    opt._stableopt_warm.clear()
+    by_backend = {}
+    for hvp in ("autograd", "fd", "forward"):
+        r = opt.sharpness(loss_fn, raw=True, k=2, tol=1e-10, hvp=hvp)
+        assert r.hvp_backend == hvp and r.converged
+        by_backend[hvp] = _gather(_fields(r))
+        assert by_backend[hvp][0] == by_backend[hvp][1]
+    for hvp in ("fd", "forward"):
+        got, want = by_backend[hvp][0], by_backend["autograd"][0]
+        assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(got[5], want[5]))  # eigenvalues
+        assert math.isclose(got[4], want[4], rel_tol=1e-6)  # raw
+
     # a NaN loss on one rank is NaN for all: every rank reports NaN (no rank left waiting)
     nan_fn = lambda: loss_fn() * (float("nan") if rank == 0 else 1.0)  # noqa: E731
     with warnings.catch_warnings():

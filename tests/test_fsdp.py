@@ -1,0 +1,196 @@
+"""FSDP2 (``fully_shard``, DTensor parameters): 2 CPU processes, gloo, float64.
+
+Every rank holds a shard of every parameter and of every Lanczos vector; products are finite
+differences through FSDP's own forward and backward. The measurement must equal one process on
+the unsharded model and data, leave every rank's shards untouched, and a rank that fails must
+make every rank raise instead of waiting in FSDP's collectives.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import stableopt
+
+WORLD = 2
+SAMPLES = (3, 5)  # uneven shards of the data, to check the sample weighting across ranks
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3)).double()  # 7 rows: uneven shards
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    n = sum(SAMPLES)
+    return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64)
+
+
+def mse(out, y):
+    return 0.5 * ((out - y) ** 2).sum(1).mean()
+
+
+def _sharded():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _locals(tensors):
+    return [t.to_local().clone() if hasattr(t, "to_local") else t.clone() for t in tensors]
+
+
+def _state(opt):
+    return [(k, _locals([v])[0]) for s in opt.state.values() for k, v in sorted(s.items())]
+
+
+def _unsharded_twin(model, opt, cls=stableopt.Adam):
+    """One process's copy of the model and optimizer, from the full (gathered) tensors."""
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}  # a collective: all ranks
+    sd = opt.state_dict()
+    state = {i: {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in s.items()} for i, s in sd["state"].items()}
+    ref = _model()
+    ref.load_state_dict(full)
+    ref_opt = cls(ref.parameters(), lr=1e-2)
+    ref_opt.load_state_dict(copy.deepcopy({"state": state, "param_groups": sd["param_groups"], "stableopt": sd["stableopt"]}))
+    return ref, ref_opt
+
+
+def _scenarios(rank: int, results: dict) -> None:
+    stableopt.distributed.configure(sharded_timeout=30.0)  # a desynchronised test fails fast
+    x_all, y_all = _data()
+    lo = sum(SAMPLES[:rank])
+    x, y = x_all[lo:lo + SAMPLES[rank]], y_all[lo:lo + SAMPLES[rank]]
+    model = _sharded()
+    opt = stableopt.Adam(model.parameters(), lr=1e-2)
+    batches = list(zip(torch.tensor_split(x, 2), torch.tensor_split(y, 2)))  # 2 batches each, uneven sizes
+    batch_loss = lambda b: mse(model(b[0]), b[1])  # noqa: E731
+    for _ in range(3):
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        opt.step()
+
+    params0, grads0, state0 = _locals(model.parameters()), _locals(p.grad for p in model.parameters()), _state(opt)
+    rep = opt.sharpness(batch_loss, batches=batches, raw=True, k=2, tol=1e-10)
+    assert rep.hvp_backend == "fd" and rep.converged, rep
+    assert all(torch.equal(a, p.to_local()) for a, p in zip(params0, model.parameters()))
+    assert all(torch.equal(a, p.grad.to_local()) for a, p in zip(grads0, model.parameters()))
+    assert all(k == k2 and torch.equal(a, b) for (k, a), (k2, b) in zip(state0, _state(opt)))
+    with pytest.raises(stableopt.DoubleBackwardError, match="cannot measure sharded"):
+        opt.sharpness(batch_loss, batches=batches, hvp="autograd")
+    uneven = [(x[i:i + 2], y[i:i + 2]) for i in range(0, len(x), 2)]  # 2 batches on rank 0, 3 on rank 1
+    with pytest.raises(RuntimeError, match="ranks disagree on number of batches"):
+        opt.sharpness(batch_loss, batches=uneven)
+
+    # the same measurement in one process, on the unsharded model and the union of the data
+    ref, ref_opt = _unsharded_twin(model, opt)
+    with stableopt.distributed.local():
+        union = [(x_all[i:i + 2], y_all[i:i + 2]) for i in range(0, len(x_all), 2)]
+        expected = ref_opt.sharpness(lambda: mse(ref(x_all), y_all), raw=True, k=2, tol=1e-10, hvp="autograd")
+        expected_b = ref_opt.sharpness(lambda b: mse(ref(b[0]), b[1]), batches=union, raw=True, k=2, tol=1e-10, hvp="autograd")
+    assert expected.preconditioned == pytest.approx(expected_b.preconditioned, rel=1e-9)  # union = full batch
+    results["measured"] = (rep.preconditioned, rep.ratio, rep.raw, rep.eigenvalues, rep.loss)
+    results["expected"] = (expected.preconditioned, expected.ratio, expected.raw, expected.eigenvalues, expected.loss)
+
+    # monitors and the guard work through FSDP's step hooks like anywhere else
+    opt.monitor(lambda: mse(model(x), y), every=1)
+    for _ in range(2):
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        opt.step()
+    results["monitored"] = opt.history.column("ratio").tolist()
+
+    # a rank whose loss_fn raises mid-solve: every rank raises, none waits for the 30-minute timeout
+    stableopt.distributed.configure(sharded_timeout=5.0)
+    calls = [0]
+
+    def failing():
+        calls[0] += 1
+        if rank == 1 and calls[0] == 4:
+            raise ValueError("boom on rank 1")
+        return mse(model(x), y)
+
+    t0 = time.monotonic()
+    try:
+        opt.sharpness(failing, tol=1e-10)
+    except RuntimeError as exc:
+        results["failure"] = (str(exc), time.monotonic() - t0)
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    results: dict = {}
+    try:
+        _scenarios(rank, results)
+    except BaseException:  # noqa: BLE001 - reported to the parent through the file
+        results["error"] = traceback.format_exc()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # the process group is out of step after the failure scenario: leave without collectives
+    os._exit(0)
+
+
+def _fsdp_available() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return dist.is_available() and dist.is_gloo_available()
+
+
+@pytest.fixture(scope="module")
+def fsdp_results():
+    out_dir = tempfile.mkdtemp(prefix="stableopt-fsdp-")
+    fd, init_file = tempfile.mkstemp(prefix="stableopt-fsdp-init-")
+    os.close(fd)
+    os.unlink(init_file)
+    mp.spawn(_worker, args=(init_file, out_dir), nprocs=WORLD, join=True)
+    results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if "error" in res]
+    assert not errors, "\n".join(errors)
+    return results
+
+
+pytestmark = pytest.mark.skipif(not _fsdp_available(), reason="needs torch.distributed.fsdp.fully_shard and gloo")
+
+
+def test_fsdp2_measurement_equals_one_process_on_the_unsharded_model(fsdp_results):
+    for res in fsdp_results:  # every rank, and all ranks agree
+        (pre, ratio, raw, eig, loss), (e_pre, e_ratio, e_raw, e_eig, e_loss) = res["measured"], res["expected"]
+        assert pre == pytest.approx(e_pre, rel=1e-6)
+        assert ratio == pytest.approx(e_ratio, rel=1e-6)
+        assert raw == pytest.approx(e_raw, rel=1e-6)
+        assert eig == pytest.approx(e_eig, rel=1e-6)
+        assert loss == pytest.approx(e_loss, rel=1e-12)
+    assert fsdp_results[0]["measured"] == fsdp_results[1]["measured"]
+
+
+def test_fsdp2_monitor_records_on_every_rank(fsdp_results):
+    ratios = [res["monitored"] for res in fsdp_results]
+    assert len(ratios[0]) == 3 and ratios[0] == ratios[1]  # the manual one and two monitored
+
+
+def test_a_failing_rank_makes_every_rank_raise_without_hanging(fsdp_results):
+    for rank, res in enumerate(fsdp_results):
+        message, seconds = res["failure"]
+        assert "during a sharded (FSDP2) measurement" in message
+        assert seconds < 60.0  # bounded by sharded_timeout (5 s here), not the 30-minute default
+    assert "boom on rank 1" in fsdp_results[1]["failure"][0]
