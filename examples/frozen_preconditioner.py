@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,19 +51,23 @@ from _common import Claims, console, describe, parse, parser, problem, pyplot, s
 LR, BETA1 = 1e-3, 0.9
 
 
-class FrozenPreconditionerAdam(stableopt.SGD):
+@dataclass(frozen=True)
+class FrozenRule(stableopt.rules.SGDRule):
+    """SGD's thresholds, with the frozen P₀ (set by :meth:`FrozenPreconditionerAdam.freeze`)."""
+
+    needs_state: bool = True  # no preconditioner before freeze()
+
+    def preconditioner(self, param, state, group):
+        return state["frozen_preconditioner"]
+
+
+class FrozenPreconditionerAdam(stableopt.SGD, rule=FrozenRule()):
     """θ ← θ − η·m̂/P₀: SGD with momentum = dampening = β1 on P₀⁻¹g, P₀ fixed by :meth:`freeze`.
 
     ``step()`` divides ``p.grad`` by P₀ in place before torch's SGD step; the preconditioner the
-    sharpness measurements pair with H is P₀, and the threshold is SGD's with dampening,
-    (2 + 2β1)/((1 − β1)η) = 38/η.
+    sharpness measurements pair with H is P₀ (the rule above), and the threshold is SGD's with
+    dampening, (2 + 2β1)/((1 − β1)η) = 38/η.
     """
-
-    _needs_state = True  # no preconditioner before freeze()
-
-    @staticmethod
-    def _preconditioner_fn(p, state, group):
-        return state["frozen_preconditioner"]
 
     def freeze(self, preconditioner, exp_avg):
         """Fix P₀ (one tensor per parameter) and start from Adam's bias-corrected momentum m̂."""

@@ -7,12 +7,13 @@ ratio to the stability threshold of the update rule (Cohen et al. 2022, arXiv:22
 
 from . import distributed, rules
 from .backends import BACKENDS, BackendChoice
-from .eigen import LanczosResult, LinearOperator, lanczos
+from .eigen import LanczosResult, lanczos
 from .finite_difference import make_fd_hvp
 from .forward_ad import ForwardADError, make_forward_hvp
 from .guard import LRGuard
 from .history import GuardEvent, History
 from .hvp import DoubleBackwardError, hessian_vector_product, make_hvp
+from .linear_operator import DenseOperator, LinearOperator
 from .monitor import Monitor
 from .operator import CurvatureOperator, MeasuredGroup, Measurement, measure
 from .optimizers import SGD, Adam, AdamW, RMSprop, StabilityMixin
@@ -39,6 +40,7 @@ __all__ = [
     "AdamW",
     "BackendChoice",
     "CurvatureOperator",
+    "DenseOperator",
     "DoubleBackwardError",
     "ForwardADError",
     "GuardEvent",

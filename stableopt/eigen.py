@@ -39,59 +39,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol, runtime_checkable
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from .linear_operator import DenseOperator, LinearOperator, Matvec
+
 __all__ = ["LanczosResult", "LinearOperator", "lanczos"]
-
-Matvec = Callable[[Tensor], Tensor]
-
-
-@runtime_checkable
-class LinearOperator(Protocol):
-    """What an estimator needs of a symmetric operator (:class:`stableopt.CurvatureOperator` is one).
-
-    Vectors are 1-D tensors of length ``local_size`` (this rank's shard; ``size`` in one
-    process); ``dot``, ``norm`` and ``inner`` reduce over every rank that holds a shard.
-    """
-
-    size: int
-    local_size: int
-    dtype: torch.dtype
-    device: torch.device
-
-    def matvec(self, x: Tensor) -> Tensor: ...
-
-    def dot(self, x: Tensor, y: Tensor) -> Tensor: ...
-
-    def norm(self, x: Tensor) -> Tensor: ...
-
-    def inner(self, block: Tensor, w: Tensor) -> Tensor: ...
-
-    def random(self, generator: torch.Generator) -> Tensor: ...
-
-
-class _DenseOperator:
-    """A plain matvec on whole vectors of length ``n`` as a :class:`LinearOperator`."""
-
-    def __init__(self, matvec: Matvec, n: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.matvec = matvec
-        self.size = self.local_size = n
-        self.dtype, self.device = dtype, device
-
-    def dot(self, x: Tensor, y: Tensor) -> Tensor:
-        return torch.dot(x, y)
-
-    def norm(self, x: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(x)
-
-    def inner(self, block: Tensor, w: Tensor) -> Tensor:
-        return block @ w
-
-    def random(self, generator: torch.Generator) -> Tensor:
-        return torch.randn(self.size, generator=generator, dtype=self.dtype).to(self.device)
 
 
 @dataclass(frozen=True)
@@ -327,7 +282,7 @@ def lanczos(
             if n is not None and n != v0.numel():
                 raise ValueError(f"n={n} does not match v0 of length {v0.numel()}")
             n = v0.numel()
-        op = _DenseOperator(matvec, n, v0.dtype, v0.device)
+        op = DenseOperator(matvec, n, v0.dtype, v0.device)
     if not isinstance(v0, Tensor) or v0.dim() != 1 or v0.numel() != op.local_size:
         raise ValueError(
             f"v0 must be a 1-D tensor of length {op.local_size}, got {type(v0).__name__} of shape "
