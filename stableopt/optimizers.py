@@ -363,6 +363,25 @@ class StabilityMixin:
         return groups
 
     @property
+    def warm_starts(self) -> dict[str, Tensor]:
+        """The top Ritz vectors of the previous measurement, by operator kind
+        (``"preconditioned"``, ``"ratio"``, ``"raw"``; each a ``(vectors, n)`` tensor): the next
+        measurement starts from them. ``opt.warm_starts.clear()`` makes it start cold; assigning
+        a copy taken earlier replays a warm start (benchmarks do this)."""
+        return self._stableopt_warm
+
+    @warm_starts.setter
+    def warm_starts(self, vectors: dict[str, Tensor]) -> None:
+        if not isinstance(vectors, dict) or not all(isinstance(v, Tensor) and v.dim() == 2 for v in vectors.values()):
+            raise TypeError("warm_starts must be a dict of 2-D tensors (kind -> vectors x n), e.g. a copy of opt.warm_starts")
+        self._stableopt_warm = dict(vectors)
+
+    @property
+    def measurements_taken(self) -> int:
+        """Number of ``sharpness()`` measurements so far (it seeds each cold start vector)."""
+        return self._stableopt_measurements
+
+    @property
     def hvp_backend(self) -> str | None:
         """What ``hvp="auto"`` settled on for this optimizer's model (None before it measured)."""
         return self._stableopt_backend.backend
