@@ -210,6 +210,7 @@ class StabilityMixin:
         live: bool = False,
         secant: bool | None = None,
         console: Any = None,
+        log: Callable[[dict[str, float], int], Any] | None = None,
     ) -> Any:
         """Measure ``sharpness(loss_fn, ...)`` after every ``every``-th ``step()``.
 
@@ -217,14 +218,15 @@ class StabilityMixin:
         ``k`` and ``tol`` default to 1, False, 1 and 1e-3, or, right after ``load_state_dict``
         of a checkpoint that had monitors, to that checkpoint's schedule. ``live=True`` shows a
         rich panel on a terminal (plain lines otherwise, to ``console`` if given);
-        ``secant=True`` records the per-step secant estimate (:mod:`stableopt.monitor`).
+        ``secant=True`` records the per-step secant estimate (:mod:`stableopt.monitor`);
+        ``log=fn`` calls ``fn(metrics, step)`` after each measurement (:mod:`stableopt.loggers`).
 
         Returns:
             A :class:`stableopt.monitor.Monitor` handle with ``.remove()``.
         """
         return self._stableopt_components["monitors"].add(
             loss_fn, every=every, batches=batches, raw=raw, k=k, tol=tol, max_iters=max_iters,
-            live=live, secant=secant, console=console,
+            live=live, secant=secant, console=console, log=log,
         )
 
     def report(self, console: Any = None) -> None:
