@@ -5,7 +5,7 @@ Replace ``torch.optim.Adam`` with ``stableopt.Adam`` and nothing changes until y
 ratio to the stability threshold of the update rule (Cohen et al. 2022, arXiv:2207.14484).
 """
 
-from . import distributed
+from . import distributed, loggers
 from .eigen import LanczosResult, lanczos
 from .guard import LRGuard
 from .history import GuardEvent, History
@@ -47,6 +47,7 @@ __all__ = [
     "hessian_vector_product",
     "heavy_ball_threshold",
     "lanczos",
+    "loggers",
     "make_hvp",
     "nesterov_threshold",
     "plot_history",
