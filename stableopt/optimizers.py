@@ -266,9 +266,10 @@ class StabilityMixin:
     def stability_threshold(self) -> list[float]:
         """The stability threshold on λ_max(P⁻¹H) of each param group (SCIENCE.md table).
 
-        >>> opt = Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-        >>> [round(t) for t in opt.stability_threshold()]
-        [38000]
+        Examples:
+            >>> opt = Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+            >>> [round(t) for t in opt.stability_threshold()]
+            [38000]
         """
         return [self._group_threshold(group, lr) for group, lr in zip(self.param_groups, self.effective_lr())]
 

@@ -60,7 +60,9 @@ class SharpnessCallback(TrainerCallback):  # type: ignore[misc]
         loss_fn: ``loss_fn(model, batch) -> Tensor``; default ``model(**batch).loss``.
         every: measure after every ``every``-th optimizer step.
         raw: also measure λ_max(H).
-        k, tol, max_iters: as in :meth:`stableopt.StabilityMixin.sharpness`.
+        k: top eigenvalues to report, as in :meth:`stableopt.StabilityMixin.sharpness`.
+        tol: relative accuracy, as there.
+        max_iters: Lanczos steps per solve, as there.
 
     Attributes:
         monitor: the :class:`stableopt.Monitor` during training (None before and after).

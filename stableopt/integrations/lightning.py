@@ -54,7 +54,9 @@ class SharpnessCallback(Callback):  # type: ignore[misc]
             not call ``self.log`` (use a plain function of the module, not ``training_step``).
         every: measure after every ``every``-th optimizer step.
         raw: also measure λ_max(H).
-        k, tol, max_iters: as in :meth:`stableopt.StabilityMixin.sharpness`.
+        k: top eigenvalues to report, as in :meth:`stableopt.StabilityMixin.sharpness`.
+        tol: relative accuracy, as there.
+        max_iters: Lanczos steps per solve, as there.
         optimizer: which of ``trainer.optimizers`` to measure (default the first).
 
     Attributes:
