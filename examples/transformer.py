@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"training step {train_step * 1e3:.1f} ms; a measurement costs {cost.mean():.1f} training steps on "
         f"average (median {float(sorted(cost)[len(cost) // 2]):.1f}, {history.column('hvps').mean():.0f} HVPs, "
-        f"λ_max(P⁻¹H) and λ_max(H)); guard actions: {len(history.events())}; "
-        f"validation loss {val_loss:.3f}"
+        f"λ_max(P⁻¹H) and λ_max(H)); measuring took {measure_seconds / step_seconds:.0%} of the run; "
+        f"guard actions: {len(history.events())}; validation loss {val_loss:.3f}"
     )
 
     save_history(history, args.out / "transformer.safetensors")
