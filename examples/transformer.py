@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     opt = stableopt.AdamW(param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.99), guard=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup=max(5, args.steps // 20), total=args.steps))
     probe_loss = lambda: lm_loss(model, probe)  # noqa: E731
-    opt.monitor(math_sdpa(probe_loss), every=args.every, raw=True)  # ENGINE: opt.monitor(probe_loss, every=args.every, raw=True, hvp="auto")
+    opt.monitor(
+        math_sdpa(probe_loss), every=args.every, raw=True
+    )  # ENGINE: opt.monitor(probe_loss, every=args.every, raw=True, hvp="auto")
 
     losses, step_seconds = [], 0.0
     for _ in range(args.steps):
@@ -184,8 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         [
             (int(s), f"{lo:.3f}", f"{pre:,.0f}", f"{th:,.0f}", f"{r:.3f}", f"{rw:.2f}", int(h), f"{c:.1f}")
             for s, lo, pre, th, r, rw, h, c in zip(
-                history.column("step"), history.column("loss"), history.column("preconditioned"),
-                history.column("threshold"), ratio, raw, history.column("hvps"), cost,
+                history.column("step"),
+                history.column("loss"),
+                history.column("preconditioned"),
+                history.column("threshold"),
+                ratio,
+                raw,
+                history.column("hvps"),
+                cost,
             )
         ],
     )
@@ -197,15 +205,25 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     save_history(history, args.out / "transformer.safetensors")
-    stableopt.plot_history(history, args.out / "transformer.png", title="TinyGPT, AdamW (warmup + cosine, clipping, accumulation)", dpi=90)
+    stableopt.plot_history(
+        history, args.out / "transformer.png", title="TinyGPT, AdamW (warmup + cosine, clipping, accumulation)", dpi=90
+    )
     console.print(f"figure: {args.out / 'transformer.png'}")
 
     claims = Claims()
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     claims.check("the model learns the grammar (training loss falls)", last < 0.7 * first, f"{first:.3f} → {last:.3f}")
     uniform = math.log(len(chars))
-    claims.check("validation loss below a uniform guess", val_loss < 0.8 * uniform, f"{val_loss:.3f} vs ln {len(chars)} = {uniform:.3f}")
-    claims.check("every measurement converged and is finite", bool(history.column("converged").all()), f"{len(history)} measurements")
+    claims.check(
+        "validation loss below a uniform guess",
+        val_loss < 0.8 * uniform,
+        f"{val_loss:.3f} vs ln {len(chars)} = {uniform:.3f}",
+    )
+    claims.check(
+        "every measurement converged and is finite",
+        bool(history.column("converged").all()),
+        f"{len(history)} measurements",
+    )
     claims.check(
         "the preconditioned sharpness rises from the first measurement (progressive sharpening)",
         float(history.column("preconditioned").max()) > 1.5 * float(history.column("preconditioned")[0]),

@@ -10,7 +10,8 @@ an adapter is used.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["PREFIX", "LogFn", "metrics", "tensorboard", "wandb"]
 
@@ -133,4 +134,3 @@ def wandb(run: Any = None, *, step: bool = True) -> LogFn:
             target.log({**values, PREFIX + "step": float(optimizer_step)})
 
     return log
-

@@ -28,7 +28,7 @@ def test_import_stableopt_imports_no_framework():
     ("module", "blocked", "extra"),
     [
         ("stableopt.integrations.huggingface", ("transformers",), "stableopt[hf]"),
-        ("stableopt.integrations.lightning", ("lightning", "pytorch_lightning"), "stableopt[lightning]"),
+        ("stableopt.integrations.lightning", ("lightning",), "stableopt[lightning]"),
     ],
 )
 def test_missing_framework_gives_a_one_line_import_error_naming_the_extra(module, blocked, extra):

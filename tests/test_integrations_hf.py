@@ -8,7 +8,9 @@ import torch
 
 import stableopt
 
-transformers = pytest.importorskip("transformers", reason='pip install "stableopt[hf]" to test the transformers integration')
+transformers = pytest.importorskip(
+    "transformers", reason='pip install "stableopt[hf]" to test the transformers integration'
+)
 pytest.importorskip("accelerate", reason='pip install "stableopt[hf]" (transformers.Trainer needs accelerate)')
 
 from stableopt.integrations.huggingface import SharpnessCallback  # noqa: E402
@@ -39,18 +41,33 @@ def _model():
 
 def _trainer(tmp_path, model, optimizer=None, callbacks=None, steps=6):
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        learning_rate=1e-3, weight_decay=0.01, logging_steps=1000, save_strategy="no", report_to=[],
-        use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     optimizers = (optimizer, None) if optimizer is not None else (None, None)
-    return transformers.Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=optimizers, callbacks=callbacks)
+    return transformers.Trainer(
+        model=model, args=args, train_dataset=Tokens(), optimizers=optimizers, callbacks=callbacks
+    )
 
 
 def _adamw(model):
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    return stableopt.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3)
+    return stableopt.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3
+    )
 
 
 def _probe():

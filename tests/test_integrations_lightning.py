@@ -12,7 +12,9 @@ from torch import nn
 
 import stableopt
 
-L = pytest.importorskip("lightning.pytorch", reason='pip install "stableopt[lightning]" to test the Lightning integration')
+L = pytest.importorskip(
+    "lightning.pytorch", reason='pip install "stableopt[lightning]" to test the Lightning integration'
+)
 
 from stableopt.integrations.lightning import SharpnessCallback  # noqa: E402
 
@@ -56,8 +58,15 @@ class Regression(L.LightningModule):
 def _fit(tmp_path, module, callbacks=(), steps=6, accumulate=1):
     logger = L.loggers.CSVLogger(str(tmp_path), name="run", version=0)
     trainer = L.Trainer(
-        max_steps=steps, accumulate_grad_batches=accumulate, accelerator="cpu", devices=1, logger=logger,
-        log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        max_steps=steps,
+        accumulate_grad_batches=accumulate,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
         callbacks=list(callbacks),
     )
     trainer.fit(module)
@@ -105,7 +114,9 @@ def test_measuring_does_not_change_training(tmp_path):
 
 
 def test_a_plain_torch_optimizer_is_refused_with_how_to_switch(tmp_path):
-    with pytest.raises(TypeError, match=r"training uses torch\.optim\.adam\.Adam.*return stableopt\.AdamW\(self\.parameters\(\)"):
+    with pytest.raises(
+        TypeError, match=r"training uses torch\.optim\.adam\.Adam.*return stableopt\.AdamW\(self\.parameters\(\)"
+    ):
         _fit(tmp_path, Regression(optimizer="torch"), [SharpnessCallback(_probe(), lambda m, b: m.loss(b))])
 
 

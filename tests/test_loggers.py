@@ -113,7 +113,14 @@ def test_tensorboard_adapter_writes_scalars_a_reader_gets_back(tmp_path):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"stableopt/ratio", "stableopt/preconditioned", "stableopt/raw", "stableopt/threshold", "stableopt/hvps", "stableopt/seconds"} <= tags
+    assert {
+        "stableopt/ratio",
+        "stableopt/preconditioned",
+        "stableopt/raw",
+        "stableopt/threshold",
+        "stableopt/hvps",
+        "stableopt/seconds",
+    } <= tags
     ratio = events.Scalars("stableopt/ratio")
     assert [e.step for e in ratio] == [2, 4]
     expected = opt.history.column("ratio").tolist()
@@ -151,7 +158,9 @@ def test_wandb_adapter_with_a_real_offline_run(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb", reason="pip install wandb to test the W&B adapter against wandb itself")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    run = wandb.init(mode="offline", dir=str(tmp_path), project="stableopt-test", settings=wandb.Settings(console="off"))
+    run = wandb.init(
+        mode="offline", dir=str(tmp_path), project="stableopt-test", settings=wandb.Settings(console="off")
+    )
     try:
         opt, loss_fn, step = _quadratic(lr=0.01)
         opt.monitor(loss_fn, every=2, log=loggers.wandb())  # run=None: the active run
@@ -176,8 +185,16 @@ def test_wandb_adapter_without_an_active_run_says_to_init(monkeypatch):
 
 def test_metrics_skip_raw_when_not_measured_and_keep_nan():
     report = stableopt.SharpnessReport(
-        step=1, preconditioned=math.nan, threshold=2.0, ratio=math.nan, raw=None,
-        eigenvalues=(math.nan,), hvps=3, residual=math.nan, converged=False, seconds=0.1,
+        step=1,
+        preconditioned=math.nan,
+        threshold=2.0,
+        ratio=math.nan,
+        raw=None,
+        eigenvalues=(math.nan,),
+        hvps=3,
+        residual=math.nan,
+        converged=False,
+        seconds=0.1,
     )
     values = loggers.metrics(report)
     assert "stableopt/raw" not in values and math.isnan(values["stableopt/ratio"])
@@ -188,5 +205,7 @@ def test_python_dash_m_stableopt_is_the_command(tmp_path):
     assert ok.returncode == 0 and "demo" in ok.stdout and "report" in ok.stdout
     assert ok.stdout.startswith("usage: stableopt ")
     missing = tmp_path / "missing.safetensors"
-    bad = subprocess.run([sys.executable, "-m", "stableopt", "report", str(missing)], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "stableopt", "report", str(missing)], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 1 and "no such file" in bad.stderr

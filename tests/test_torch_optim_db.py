@@ -105,7 +105,9 @@ def _assert_same(a: Any, b: Any, where: str = "state_dict") -> None:
         assert isinstance(a, Tensor) and isinstance(b, Tensor), f"{where}: {type(a).__name__} vs {type(b).__name__}"
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{where}: {m}")
     elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), f"{where}: keys {list(a)} vs {list(b) if isinstance(b, dict) else b!r}"
+        assert isinstance(b, dict) and list(a) == list(b), (
+            f"{where}: keys {list(a)} vs {list(b) if isinstance(b, dict) else b!r}"
+        )
         for key in a:
             _assert_same(a[key], b[key], f"{where}[{key!r}]")
     elif isinstance(a, (list, tuple)):
@@ -132,14 +134,16 @@ def test_optim_db_input_steps_bitwise_like_torch(name, dtype, index, monitored):
         _set_grads(theirs, grads)
         _set_grads(ours, grads)
         if step % 2:  # the closure path too: step(closure) returns the closure's loss
-            loss_t = torch_opt.step(lambda: torch.tensor(float(step)))
-            loss_s = opt.step(lambda: torch.tensor(float(step)))
+            loss_t = torch_opt.step(lambda s=step: torch.tensor(float(s)))
+            loss_s = opt.step(lambda s=step: torch.tensor(float(s)))
             assert loss_t.item() == loss_s.item() == float(step)
         else:
             torch_opt.step()
             opt.step()
         for i, (p, q) in enumerate(zip(theirs, ours)):
-            torch.testing.assert_close(q, p, rtol=0, atol=0, msg=lambda m: f"param {i} after step {step + 1}: {m}")
+            torch.testing.assert_close(
+                q, p, rtol=0, atol=0, msg=lambda m, i=i, step=step: f"param {i} after step {step + 1}: {m}"
+            )
         for i, (p, q) in enumerate(zip(theirs, ours)):
             _assert_same(opt.state[q], torch_opt.state[p], f"state of param {i} after step {step + 1}")
     assert opt.steps_taken == STEPS
@@ -189,7 +193,8 @@ def test_optim_db_error_input_raises_what_torch_raises(name, index):
 # Remove the marker when issue 16 is merged.
 _CLOCK_IN_STATE = "elapsed" in stableopt.History().state_dict()
 clock_xfail = pytest.mark.xfail(
-    _CLOCK_IN_STATE, strict=True,
+    _CLOCK_IN_STATE,
+    strict=True,
     reason="History.state_dict() carries a wall clock ('elapsed'); issue 16 removes it",
 )
 

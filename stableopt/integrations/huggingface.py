@@ -17,14 +17,13 @@ The measurement leaves parameters, gradients, optimizer state, RNG and buffers a
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 try:
     from transformers import TrainerCallback
 except ImportError:  # pragma: no cover - exercised where transformers is absent
-    raise ImportError(
-        'stableopt.integrations.huggingface needs transformers: pip install "stableopt[hf]"'
-    ) from None
+    raise ImportError('stableopt.integrations.huggingface needs transformers: pip install "stableopt[hf]"') from None
 
 from torch import Tensor
 
@@ -50,7 +49,7 @@ def _model_loss(model: Any, batch: Any) -> Tensor:
     return loss
 
 
-class SharpnessCallback(TrainerCallback):  # type: ignore[misc]
+class SharpnessCallback(TrainerCallback):
     """Measure the edge of stability on a fixed probe batch every ``every`` optimizer steps.
 
     Args:
@@ -86,7 +85,7 @@ class SharpnessCallback(TrainerCallback):  # type: ignore[misc]
             raise TypeError(f"loss_fn must be None or callable(model, batch), got {type(loss_fn).__name__}")
         self.batch = batch
         self.loss_fn = loss_fn or _model_loss
-        self.options = {"every": every, "raw": raw, "k": k, "tol": tol, "max_iters": max_iters}
+        self.options: dict[str, Any] = {"every": every, "raw": raw, "k": k, "tol": tol, "max_iters": max_iters}
         self.trainer: Any = None
         self.optimizer: Any = None
         self.monitor: Any = None
@@ -98,7 +97,9 @@ class SharpnessCallback(TrainerCallback):  # type: ignore[misc]
         trainer.add_callback(self)
         return self
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
         if self.trainer is None:
             raise RuntimeError(
                 "SharpnessCallback logs through the Trainer: add it with "

@@ -19,17 +19,13 @@ state, RNG and buffers as they were.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # pragma: no cover - exercised where lightning is absent
-    try:
-        from pytorch_lightning.callbacks import Callback
-    except ImportError:
-        raise ImportError(
-            'stableopt.integrations.lightning needs lightning: pip install "stableopt[lightning]"'
-        ) from None
+    raise ImportError('stableopt.integrations.lightning needs lightning: pip install "stableopt[lightning]"') from None
 
 from torch import Tensor
 
@@ -44,7 +40,7 @@ HOW_TO_SWITCH = (
 )
 
 
-class SharpnessCallback(Callback):  # type: ignore[misc]
+class SharpnessCallback(Callback):
     """Measure the edge of stability on a fixed probe batch every ``every`` optimizer steps.
 
     Args:
@@ -83,7 +79,7 @@ class SharpnessCallback(Callback):  # type: ignore[misc]
         self.batch = batch
         self.loss_fn = loss_fn
         self.index = optimizer
-        self.options = {"every": every, "raw": raw, "k": k, "tol": tol, "max_iters": max_iters}
+        self.options: dict[str, Any] = {"every": every, "raw": raw, "k": k, "tol": tol, "max_iters": max_iters}
         self.optimizer: Any = None
         self.monitor: Any = None
         self._buffer = MetricsBuffer()
