@@ -39,7 +39,7 @@ def _model():
     return transformers.GPT2LMHeadModel(config)
 
 
-def _trainer(tmp_path, model, optimizer=None, callbacks=None, steps=6):
+def _trainer(tmp_path, model, optimizer=None, callbacks=None, steps=6, scheduler=None):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=steps,
@@ -56,7 +56,7 @@ def _trainer(tmp_path, model, optimizer=None, callbacks=None, steps=6):
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    optimizers = (optimizer, None) if optimizer is not None else (None, None)
+    optimizers = (optimizer, scheduler) if optimizer is not None else (None, None)
     return transformers.Trainer(
         model=model, args=args, train_dataset=Tokens(), optimizers=optimizers, callbacks=callbacks
     )
@@ -89,6 +89,22 @@ def test_trainer_with_stableopt_adamw_logs_the_measurements_through_trainer_log(
     assert [row["stableopt/raw"] for row in logged] == history["raw"].tolist()
     assert all(row["stableopt/threshold"] > 0 and row["stableopt/hvps"] > 0 for row in logged)
     assert callback.optimizer is opt and callback.monitor is None  # removed at the end of training
+
+
+def test_with_the_users_scheduler_each_measurement_uses_the_lr_of_its_step(tmp_path):
+    model = _model()
+    opt = _adamw(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    trainer = _trainer(tmp_path, model, opt, scheduler=scheduler)
+    SharpnessCallback(_probe(), every=2, max_iters=10).attach(trainer)
+    trainer.train()
+    assert trainer.lr_scheduler is scheduler
+    history = opt.history.to_dict()
+    # measured in the post hook of step t, before scheduler.step(): step t used lr·1/(1 + t − 1)
+    assert history["lr_0"].tolist() == pytest.approx([1e-3 / t for t in (2, 4, 6)], rel=1e-12)
+    assert history["threshold_0"].tolist() == pytest.approx(
+        [stableopt.adam_threshold(1e-3 / t, 0.9, weight_decay=0.01, decoupled=True) for t in (2, 4, 6)], rel=1e-12
+    )
 
 
 def test_measuring_inside_the_trainer_does_not_change_training(tmp_path):
