@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     opt = stableopt.AdamW(param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.99), guard=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup=max(5, args.steps // 20), total=args.steps))
     probe_loss = lambda: lm_loss(model, probe)  # noqa: E731
-    opt.monitor(
-        math_sdpa(probe_loss), every=args.every, raw=True
-    )  # ENGINE: opt.monitor(probe_loss, every=args.every, raw=True, hvp="auto")
+    # the one line to change when measurements choose their HVP backend (see math_sdpa):
+    measured, backend = math_sdpa(probe_loss), {}  # ENGINE: probe_loss, {"hvp": "auto"}
+    opt.monitor(measured, every=args.every, raw=True, **backend)
 
     losses, step_seconds = [], 0.0
     for _ in range(args.steps):
