@@ -5,7 +5,7 @@ Replace ``torch.optim.Adam`` with ``stableopt.Adam`` and nothing changes until y
 ratio to the stability threshold of the update rule (Cohen et al. 2022, arXiv:2207.14484).
 """
 
-from . import distributed, rules
+from . import distributed, loggers, rules
 from .backends import BACKENDS, BackendChoice
 from .eigen import LanczosResult, lanczos
 from .finite_difference import make_fd_hvp
@@ -67,6 +67,7 @@ __all__ = [
     "lanczos",
     "make_fd_hvp",
     "make_forward_hvp",
+    "loggers",
     "make_hvp",
     "measure",
     "nesterov_threshold",

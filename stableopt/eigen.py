@@ -245,7 +245,7 @@ def lanczos(
     Returns:
         A :class:`LanczosResult`.
 
-    Example:
+    Examples:
         >>> A = torch.diag(torch.tensor([3.0, 1.0, -5.0, 2.0], dtype=torch.float64))
         >>> g = torch.Generator().manual_seed(0)
         >>> res = lanczos(lambda x: A @ x, n=4, k=2, tol=1e-10, generator=g, dtype=torch.float64)

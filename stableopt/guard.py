@@ -143,12 +143,15 @@ class LRGuard:
             ``mode="edge"``.
         warmup: ignore measurements taken before this step (default: Adam's transient, above).
         every: measure after every ``every``-th step (None: only react to others' measurements).
-        loss_fn, batches, tol, max_iters, hvp: passed to ``opt.sharpness`` for the guard's own
-            measurements (see :meth:`attach`). ``tol`` defaults to 1e-2, not ``sharpness``'s
-            1e-3: the policy compares the ratio with levels 10–30% apart, and the looser
-            tolerance needs about 2.5× fewer Hessian-vector products per measurement.
+        loss_fn: passed to ``opt.sharpness`` for the guard's own measurements (see :meth:`attach`).
+        batches: likewise.
+        tol: likewise; defaults to 1e-2, not ``sharpness``'s 1e-3: the policy compares the
+            ratio with levels 10–30% apart, and the looser tolerance needs about 2.5× fewer
+            Hessian-vector products per measurement.
+        max_iters: likewise.
+        hvp: likewise: the Hessian-vector-product backend (default ``"auto"``).
 
-    Example:
+    Examples:
         >>> import torch, stableopt
         >>> w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
         >>> loss_fn = lambda: 0.5 * (100.0 * w[0] ** 2 + w[1] ** 2)  # λ_max(H) = 100

@@ -3,7 +3,8 @@
 A monitor is a torch step post hook (``optimizer.register_step_post_hook``): after every
 ``step()`` whose step count ``opt.steps_taken`` is a multiple of ``every`` it calls
 ``opt.sharpness(...)``, which records the measurement in ``opt.history``. Steps in between cost
-one integer modulo. Several monitors coexist (a cheap frequent one and an occasional one with
+one integer modulo. With ``log=fn`` the monitor calls ``fn(metrics, step)`` after each of its
+measurements (:mod:`stableopt.loggers`: TensorBoard, W&B). Several monitors coexist (a cheap frequent one and an occasional one with
 ``raw=True``); each returns a :class:`Monitor` handle whose ``remove()`` detaches it. Because the
 schedule is the optimizer's own step count, a run resumed from ``opt.state_dict()`` keeps it.
 
@@ -183,12 +184,13 @@ class Monitor:
 
     Attributes:
         every, raw, k, tol, secant, live: the schedule and its options.
+        log: ``fn(metrics, step)`` called after each measurement (:mod:`stableopt.loggers`), or None.
         id: the value of the history's ``monitor`` column for its measurements.
         last: the latest :class:`~stableopt.SharpnessReport` it took (None before).
         fired: the step counts it measured at.
     """
 
-    def __init__(self, owner: MonitorSet, monitor_id: int, loss_fn: Callable[..., Tensor], *, every: int, batches: Iterable[Any] | None, raw: bool, k: int, tol: float, max_iters: int | None, live: bool, secant: bool, hvp: str = "auto") -> None:
+    def __init__(self, owner: MonitorSet, monitor_id: int, loss_fn: Callable[..., Tensor], *, every: int, batches: Iterable[Any] | None, raw: bool, k: int, tol: float, max_iters: int | None, live: bool, secant: bool, hvp: str = "auto", log: Callable[[dict[str, float], int], Any] | None = None) -> None:
         self._owner = owner
         self.id = monitor_id
         self.loss_fn = loss_fn
@@ -201,6 +203,7 @@ class Monitor:
         self.live = live
         self.secant = secant
         self.hvp = hvp
+        self.log = log
         self.last: Any = None
         self.fired: list[int] = []
         opt = owner.optimizer
@@ -241,6 +244,10 @@ class Monitor:
         self.fired.append(report.step)
         if view is not None:
             view.measured(report)
+        if self.log is not None:  # after the guard has reacted, so its factors are current
+            from .loggers import metrics
+
+            self.log(metrics(report, opt.guard), report.step)
         return report
 
     def remove(self) -> None:
@@ -291,10 +298,13 @@ class MonitorSet:
             self._view = _LiveView(self.optimizer.history, self.console)
         return self._view
 
-    def add(self, loss_fn: Callable[..., Tensor], *, every: int | None = None, batches: Iterable[Any] | None = None, raw: bool | None = None, k: int | None = None, tol: float | None = None, max_iters: int | None = None, live: bool = False, secant: bool | None = None, console: Any = None, hvp: str = "auto") -> Monitor:
+    def add(self, loss_fn: Callable[..., Tensor], *, every: int | None = None, batches: Iterable[Any] | None = None, raw: bool | None = None, k: int | None = None, tol: float | None = None, max_iters: int | None = None, live: bool = False, secant: bool | None = None, console: Any = None, hvp: str = "auto", log: Callable[[dict[str, float], int], Any] | None = None) -> Monitor:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         check_backend(hvp)
+        from .loggers import check_log_fn
+
+        check_log_fn(log)
         given = {"every": every, "raw": raw, "k": k, "tol": tol}
         base = dict(self.DEFAULTS)
         monitor_id = self._next_id
@@ -318,7 +328,7 @@ class MonitorSet:
                 self._view.stop()
                 self._view = None
             self.console = console
-        monitor = Monitor(self, monitor_id, loss_fn, batches=batches, max_iters=max_iters, live=bool(live), secant=bool(secant), hvp=hvp, **opts)
+        monitor = Monitor(self, monitor_id, loss_fn, batches=batches, max_iters=max_iters, live=bool(live), secant=bool(secant), hvp=hvp, log=log, **opts)
         self.monitors[monitor.id] = monitor
         self._next_id = max(self._next_id, monitor_id + 1)
         return monitor

@@ -282,6 +282,7 @@ class StabilityMixin:
         secant: bool | None = None,
         console: Any = None,
         hvp: str = "auto",
+        log: Callable[[dict[str, float], int], Any] | None = None,
     ) -> Any:
         """Measure ``sharpness(loss_fn, ...)`` after every ``every``-th ``step()``.
 
@@ -292,13 +293,14 @@ class StabilityMixin:
         ``secant=True`` records the per-step secant estimate (:mod:`stableopt.monitor`);
         ``hvp`` is the Hessian-vector-product backend of its measurements (see
         :meth:`sharpness`).
+        ``log=fn`` calls ``fn(metrics, step)`` after each measurement (:mod:`stableopt.loggers`).
 
         Returns:
             A :class:`stableopt.monitor.Monitor` handle with ``.remove()``.
         """
         return self._stableopt_components["monitors"].add(
             loss_fn, every=every, batches=batches, raw=raw, k=k, tol=tol, max_iters=max_iters,
-            live=live, secant=secant, console=console, hvp=hvp,
+            live=live, secant=secant, console=console, hvp=hvp, log=log,
         )
 
     def report(self, console: Any = None) -> None:
@@ -334,9 +336,10 @@ class StabilityMixin:
     def stability_threshold(self) -> list[float]:
         """The stability threshold on λ_max(P⁻¹H) of each param group (docs/science.md table).
 
-        >>> opt = Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-        >>> [round(t) for t in opt.stability_threshold()]
-        [38000]
+        Examples:
+            >>> opt = Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+            >>> [round(t) for t in opt.stability_threshold()]
+            [38000]
         """
         rule = self.stability_rule
         return [rule.threshold(group, lr) for group, lr in zip(self.param_groups, self.effective_lr())]

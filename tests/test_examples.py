@@ -23,6 +23,7 @@ OUTPUTS = {
     "quickstart.py": ["quickstart.safetensors", "quickstart.png"],
     "adaptive_edge.py": ["adaptive_edge.safetensors", "adaptive_edge.png"],
     "thresholds.py": ["thresholds_rmsprop.safetensors", "thresholds_adam_b0.9.safetensors", "thresholds.png"],
+    "transformer.py": ["transformer.safetensors", "transformer.png"],
     "gd_vs_adam.py": ["gd_vs_adam_gd.safetensors", "gd_vs_adam_adam.safetensors", "gd_vs_adam.png"],
     "minibatch.py": ["minibatch_25.safetensors", "minibatch_1000.safetensors", "minibatch.png"],
     "frozen_preconditioner.py": ["frozen_preconditioner_adam.safetensors", "frozen_preconditioner_frozen.safetensors", "frozen_preconditioner.png"],
