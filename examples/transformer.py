@@ -93,24 +93,6 @@ def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def math_sdpa(loss_fn):
-    """``loss_fn`` with attention through SDPA's MATH kernel.
-
-    Hessian-vector products differentiate the gradient (double backward), and the fused SDPA
-    kernels, including the default one on CPU, have no double backward; the MATH kernel computes
-    the same attention with ordinary ops. When measurements can choose their HVP backend
-    (``hvp="auto"`` falls back to finite differences of gradients), drop this wrapper: see the
-    one line marked ENGINE below.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def wrapped() -> Tensor:
-        with sdpa_kernel(SDPBackend.MATH):
-            return loss_fn()
-
-    return wrapped
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on the matrices (2-D weights, tied embedding included) only."""
     decay = [p for p in model.parameters() if p.ndim >= 2 and p is not model.positions]
@@ -153,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     opt = stableopt.AdamW(param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.99), guard=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup=max(5, args.steps // 20), total=args.steps))
     probe_loss = lambda: lm_loss(model, probe)  # noqa: E731
-    # the one line to change when measurements choose their HVP backend (see math_sdpa):
-    measured, backend = math_sdpa(probe_loss), {}  # ENGINE: probe_loss, {"hvp": "auto"}
-    opt.monitor(measured, every=args.every, raw=True, **backend)
+    # Attention runs through the default fused SDPA kernel, which has no double backward:
+    # hvp="auto" (the default) finds that out on the first measurement and measures with finite
+    # differences of gradients (report.hvp_backend == "fd"), with one RuntimeWarning saying so.
+    opt.monitor(probe_loss, every=args.every, raw=True, hvp="auto")
 
     losses, step_seconds = [], 0.0
     for _ in range(args.steps):

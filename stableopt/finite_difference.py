@@ -113,10 +113,11 @@ def make_fd_hvp(
         An :class:`~stableopt.hvp.HVP` with ``backend="fd"``; its ``loss`` is evaluated at the
         unperturbed parameters (one forward pass without a graph).
 
-    >>> w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
-    >>> hvp = make_fd_hvp(lambda: (w ** 3).sum(), [w])
-    >>> [round(x, 6) for x in hvp([torch.tensor([1.0, 1.0], dtype=torch.float64)])[0].tolist()]
-    [6.0, 12.0]
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> hvp = make_fd_hvp(lambda: (w ** 3).sum(), [w])
+        >>> hvp([torch.tensor([1.0, 1.0], dtype=torch.float64)])[0].round(decimals=6)
+        tensor([ 6., 12.], dtype=torch.float64)
     """
     params = check_params(loss_fn, params, "make_fd_hvp")
     call = before_forward or (lambda: None)

@@ -12,10 +12,10 @@ def math_attention() -> contextlib.AbstractContextManager[Any]:
     """Scaled-dot-product attention through its MATH kernel, which has a double backward.
 
     The fused SDPA kernels (flash, efficient, and the default flash kernel on CPU) have no
-    double backward, so Hessian-vector products by autograd fail through them. The MATH kernel
-    computes the same attention with ordinary differentiable ops. Once measurements can choose
-    their HVP backend (``hvp="auto"`` falls back to finite differences of gradients), this
-    context is no longer needed.
+    double backward: through them ``hvp="auto"`` measures with finite differences of gradients
+    (2 gradients per product). The MATH kernel computes the same attention with ordinary
+    differentiable ops, so the callbacks' probe loss uses it and products are exact double
+    backward (about 1.2 gradients each).
     """
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
