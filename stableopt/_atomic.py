@@ -53,7 +53,7 @@ def _resolve(path: str) -> str:
             return target
         link = os.readlink(target)
         target = link if os.path.isabs(link) else os.path.join(os.path.dirname(target), link)
-    raise ValueError(f"{literal(path)}: cannot write: a loop of symbolic links")
+    raise ValueError(f"cannot write {literal(path)}: a loop of symbolic links")
 
 
 def _check_target(path: str, target: str) -> os.stat_result | None:
@@ -64,18 +64,18 @@ def _check_target(path: str, target: str) -> os.stat_result | None:
     except FileNotFoundError:
         folder = os.path.dirname(os.path.abspath(target))
         if not os.path.isdir(folder):
-            raise ValueError(f"{shown}: cannot write: the directory {literal(folder)} does not exist") from None
+            raise ValueError(f"cannot write {shown}: the directory {literal(folder)} does not exist") from None
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise ValueError(f"{shown}: cannot write: a loop of symbolic links") from None
+            raise ValueError(f"cannot write {shown}: a loop of symbolic links") from None
         raise
     for test, kind in _KINDS:
         if test(st.st_mode):
-            raise ValueError(f"{shown}: is {kind}, not a regular file; refusing to replace it")
+            raise ValueError(f"cannot write {shown}: it is {kind}, not a regular file; refusing to replace it")
     if st.st_nlink > 1:
         raise ValueError(
-            f"{shown}: has {st.st_nlink} hard links; replacing it would leave the other names with "
+            f"cannot write {shown}: it has {st.st_nlink} hard links; replacing it would leave the other names with "
             "the old content and writing in place could leave it cut short. Write to a new name "
             "(or remove the other links) instead"
         )
@@ -133,7 +133,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
     """
     name = os.fspath(path)
     if not name:
-        raise ValueError("cannot write: the path is empty")
+        raise ValueError("cannot write to an empty path")
     target = _resolve(name)
     st = _check_target(name, target)
     folder = os.path.dirname(os.path.abspath(target))
@@ -195,7 +195,8 @@ def _sync_directory(folder: str) -> None:
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """Whether two paths name the same file (through links; False when either is missing).
+    """Whether two paths name the same file (through links; by resolved path when one is
+    missing).
 
     >>> same_file(__file__, __file__)
     True

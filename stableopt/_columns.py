@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ._text import quoted
+
 __all__ = [
     "DYNAMIC_PREFIXES", "EVENT_COLUMNS", "MAX_REASON_CHARS", "MEASUREMENT_COLUMNS", "SCHEMA_VERSION",
     "SECANT_COLUMNS", "TABLES", "Tables", "check_columns", "check_layout", "check_row", "column_type",
@@ -128,13 +130,13 @@ def check_columns(columns: Mapping[str, np.ndarray], bad: Callable[[str], Except
         v = values.astype(np.float64) if values.dtype.kind == "f" else values
         present = ~np.isnan(v) if v.dtype.kind == "f" else np.ones(len(v), bool)
         if finite and v.dtype.kind == "f" and not np.isfinite(v).all():
-            raise bad(f"column {name!r} holds NaN or infinite values, expected finite numbers")
+            raise bad(f"column {quoted(name)} holds NaN or infinite values, expected finite numbers")
         w = v[present]
         if len(w) and ((low is not None and w.min() < low) or (high is not None and w.max() > high)):
-            raise bad(f"column {name!r} holds values outside [{low}, {'∞' if high is None else high}]")
+            raise bad(f"column {quoted(name)} holds values outside [{low}, {'∞' if high is None else high}]")
         if monotone and len(w) > 1 and bool((w[1:] < w[:-1]).any()):
             i = int(np.argmax(w[1:] < w[:-1]))
-            raise bad(f"column {name!r} is not in order: {int(w[i])} is followed by {int(w[i + 1])}")
+            raise bad(f"column {quoted(name)} is not in order: {int(w[i])} is followed by {int(w[i + 1])}")
 
 
 def check_layout(layout: Mapping[str, tuple[str, tuple[int, ...]]], bad: Callable[[str], Exception]) -> dict[str, int]:
@@ -149,14 +151,14 @@ def check_layout(layout: Mapping[str, tuple[str, tuple[int, ...]]], bad: Callabl
     for name, (dtype, shape) in layout.items():
         expected = column_type(name)
         if expected is None:
-            raise bad(f"unknown column {name!r}")
+            raise bad(f"unknown column {quoted(name)}")
         if len(shape) != 1:
-            raise bad(f"column {name!r} has shape {tuple(shape)}, expected a 1-D tensor")
+            raise bad(f"column {quoted(name)} has shape {tuple(shape)}, expected a 1-D tensor")
         if dtype != _NUMPY[expected]:
-            raise bad(f"column {name!r} has dtype {dtype}, expected {_NUMPY[expected]}")
+            raise bad(f"column {quoted(name)} has dtype {dtype}, expected {_NUMPY[expected]}")
         table = table_of(name)
         if rows.setdefault(table, shape[0]) != shape[0]:
-            raise bad(f"column {name!r} has {shape[0]} rows, the other {table} columns {rows[table]}")
+            raise bad(f"column {quoted(name)} has {shape[0]} rows, the other {table} columns {rows[table]}")
         order = dynamic_order(name)
         if order[0] < len(DYNAMIC_PREFIXES):
             numbered[DYNAMIC_PREFIXES[order[0]]].append(order[1])

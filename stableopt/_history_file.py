@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _safetensors
 from ._columns import MAX_REASON_CHARS, SCHEMA_VERSION, check_columns, check_layout
-from ._text import literal, loads_json
+from ._text import literal, loads_json, quoted
 
 __all__ = ["FORMAT", "METADATA_FIELDS", "check_metadata", "read", "safe_name"]
 
@@ -60,12 +60,12 @@ def check_metadata(metadata: dict[str, str], bad: Callable[[str], Exception], *,
     """
     for key, value in metadata.items():
         if key not in METADATA_FIELDS:
-            raise bad(f"unknown metadata field {literal(key, 60)!r} (known: {sorted(METADATA_FIELDS)})")
+            raise bad(f"unknown metadata field {quoted(key, 60)} (known: {sorted(METADATA_FIELDS)})")
         pattern, limit = METADATA_FIELDS[key]
         if len(value) > limit:
             raise bad(f"metadata field {key!r} is {len(value)} characters long (at most {limit})")
         if pattern is not None and not re.fullmatch(pattern, value):
-            raise bad(f"metadata field {key!r} is not a valid {key.replace('_', ' ')}: {literal(value, 60)!r}")
+            raise bad(f"metadata field {key!r} is not a valid {key.replace('_', ' ')}: {quoted(value, 60)}")
     try:
         groups = loads_json(metadata.get("hyperparameters", "[]"), max_depth=32, what="metadata field 'hyperparameters'")
         reasons = loads_json(metadata.get("event_reasons", "[]"), max_depth=1, what="metadata field 'event_reasons'")
@@ -127,7 +127,7 @@ def read(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str,
             )
         schema = meta.get("schema", "")
         if not re.fullmatch(r"[0-9]{1,6}", schema):
-            raise bad(f"stableopt history without a valid schema version ({literal(schema, 20)!r})")
+            raise bad(f"stableopt history without a valid schema version ({quoted(schema, 20)})")
         if int(schema) > SCHEMA_VERSION:
             raise bad(
                 f"written with history schema {int(schema)}, newer than this stableopt reads "

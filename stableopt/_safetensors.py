@@ -20,7 +20,7 @@ from typing import IO, Callable, Mapping
 
 import numpy as np
 
-from ._text import literal, loads_json
+from ._text import loads_json, quoted
 
 __all__ = ["Header", "read_array", "read_header", "write"]
 
@@ -86,21 +86,21 @@ def read_header(f: IO[bytes], size: int, bad: Callable[[str], Exception]) -> Hea
     data = size - 8 - n
     entries: dict[str, Entry] = {}
     for name, spec in header.items():
-        shown = literal(name, 60)
+        shown = quoted(name, 60)
         if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
-            raise corrupt(f"tensor {shown!r} is not described by dtype, shape and data_offsets")
+            raise corrupt(f"tensor {shown} is not described by dtype, shape and data_offsets")
         dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
         if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise corrupt(f"tensor {shown!r} has an unknown dtype {literal(dtype, 20)!r}")
+            raise corrupt(f"tensor {shown} has an unknown dtype {quoted(dtype, 20)}")
         if not isinstance(shape, list) or len(shape) > 8 or not all(_is_count(d) for d in shape):
-            raise corrupt(f"tensor {shown!r} has an invalid shape")
+            raise corrupt(f"tensor {shown} has an invalid shape")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
-            raise corrupt(f"tensor {shown!r} has invalid data_offsets")
+            raise corrupt(f"tensor {shown} has invalid data_offsets")
         begin, end = offsets
         numpy_name, itemsize = _DTYPES[dtype]
         if not begin <= end <= data or end - begin != math.prod(shape) * itemsize:
             raise corrupt(
-                f"tensor {shown!r} declares {math.prod(shape) * itemsize} bytes at [{begin}, {end}), "
+                f"tensor {shown} declares {math.prod(shape) * itemsize} bytes at [{begin}, {end}), "
                 f"the file holds {data} bytes of data"
             )
         entries[name] = Entry(numpy_name, tuple(shape), begin, end)
@@ -128,7 +128,7 @@ def read_array(f: IO[bytes], header: Header, name: str, bad: Callable[[str], Exc
     if entry.dtype == "bool":
         codes = np.frombuffer(raw, dtype=np.uint8)
         if codes.size and codes.max() > 1:
-            raise bad(f"column {literal(name, 60)!r} holds booleans other than 0 and 1")
+            raise bad(f"column {quoted(name, 60)} holds booleans other than 0 and 1")
         return codes.astype(np.bool_)
     return np.frombuffer(raw, dtype=np.dtype(entry.dtype).newbyteorder("<")).astype(entry.dtype)
 

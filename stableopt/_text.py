@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_DISPLAY_CHARS", "literal", "loads_json", "text"]
+__all__ = ["MAX_DISPLAY_CHARS", "literal", "loads_json", "quoted", "text"]
 
 #: strings shown in a report or an error message are cut to this many characters
 MAX_DISPLAY_CHARS = 200
@@ -49,6 +49,15 @@ def literal(value: Any, limit: int | None = MAX_DISPLAY_CHARS) -> str:
     if limit is not None and len(s) > limit:
         s = s[: max(limit - 1, 0)] + "…"
     return s
+
+
+def quoted(value: Any, limit: int | None = 60) -> str:
+    """:func:`literal` in single quotes, for naming a value in an error message.
+
+    >>> print(quoted("a\\x07b"))
+    'a\\x07b'
+    """
+    return f"'{literal(value, limit)}'"
 
 
 def text(value: Any, style: str = "", limit: int | None = MAX_DISPLAY_CHARS) -> Any:
