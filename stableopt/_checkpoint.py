@@ -25,7 +25,7 @@ import torch
 
 from .history import MAX_REASON_CHARS, GuardEvent
 
-__all__ = ["check_guard_state", "getstate", "load", "setstate", "state_entry"]
+__all__ = ["check_guard_state", "check_monitor_state", "getstate", "load", "setstate", "state_entry"]
 
 _ENTRY_KEYS = ("step", "measurements", "warm", "components")
 _PICKLE_KEY = "_stableopt"
@@ -203,3 +203,36 @@ def check_guard_state(state: Any) -> dict[str, Any]:
             raise bad(f"an event's reason must be a string of at most {MAX_REASON_CHARS} characters")
         checked["events"].append(GuardEvent(step, group, factor("an event's factor", old), factor("an event's factor", new), float(ratio), why))
     return checked
+
+
+_SCHEDULE = {"id": int, "every": int, "raw": bool, "k": int, "tol": float, "secant": bool, "live": bool}
+
+
+def check_monitor_state(state: Any) -> tuple[list[dict[str, Any]], int]:
+    """The checked schedules and next id of ``MonitorSet.state_dict()``."""
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"optimizer state dict monitors: {problem}"[:400])
+
+    if not isinstance(state, Mapping) or set(state) - {"schedules", "next_id"}:
+        raise bad("expected a dict with 'schedules' and 'next_id'")
+    next_id = state.get("next_id", 0)
+    if isinstance(next_id, bool) or not isinstance(next_id, int) or next_id < 0:
+        raise bad(f"next_id must be a non-negative integer, got {next_id!r}")
+    saved = state.get("schedules", [])
+    if not isinstance(saved, (list, tuple)):
+        raise bad(f"schedules must be a list, got {type(saved).__name__}")
+    schedules = []
+    for s in saved:
+        if not isinstance(s, Mapping) or set(s) - set(_SCHEDULE) or not {"id", "every", "raw", "k", "tol"} <= set(s):
+            raise bad(f"a schedule must hold id, every, raw, k, tol (and secant, live), got {sorted(map(str, s)) if isinstance(s, Mapping) else type(s).__name__}")
+        for key, value in s.items():
+            kind = _SCHEDULE[key]
+            ok = isinstance(value, bool) if kind is bool else (
+                not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int))
+            if not ok:
+                raise bad(f"schedule field {key} must be {kind.__name__}, got {value!r}")
+        if s["id"] < 0 or s["every"] < 1 or s["k"] < 1 or not 0.0 < s["tol"] < 1.0:
+            raise bad(f"schedule out of range (id >= 0, every >= 1, k >= 1, 0 < tol < 1): {dict(s)}")
+        schedules.append({**{"secant": False, "live": False}, **s})
+    return schedules, next_id
