@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ._state import remove_global_hook, run_all
+from ._state import RestoringContext, remove_global_hook, run_all
 
 __all__ = ["LOW_PRECISION", "explained", "float32_measurement", "upcast_note"]
 
@@ -62,14 +62,8 @@ def _up(x: Any) -> Any:
     return x
 
 
-class float32_measurement:  # noqa: N801 - used like a function: ``with float32_measurement(params) as upcast``
-    """Run the block with low-precision ``params`` upcast and autocast off inside modules.
-
-    ``with float32_measurement(params) as upcast:`` — ``upcast`` says whether any parameter
-    was upcast. The hooks act in the entering thread only. On exit (also when interrupted, see
-    :func:`stableopt._state.run_all`) the hooks are removed first, then parameters, buffers
-    and autocast are put back.
-    """
+class _Upcast:
+    """What :class:`float32_measurement` changed and how to put it back."""
 
     def __init__(self, params: Sequence[Tensor]) -> None:
         self.params = list(params)
@@ -79,26 +73,20 @@ class float32_measurement:  # noqa: N801 - used like a function: ``with float32_
         self.autocast0: dict[str, bool] | None = None
         self.stack: list[dict[str, bool]] = []
         self.handles: list[Any] = []
-        self._pre_hook, self._post_hook = self._pre, self._post  # one object each, for removal
+        self.pre_hook, self.post_hook = self.pre, self.post  # one object each, for removal
+        self.done = False
 
-    def __enter__(self) -> bool:
-        try:
-            self.autocast0 = _autocast_state()
-            self.swapped = [(p, p.data) for p in self.params if p.dtype in LOW_PRECISION]
-            for p, original in self.swapped:
-                p.data = original.float()
-            _set_autocast({dev: False for dev in self.autocast0})  # Lanczos' own algebra in full precision
-            self.handles.append(nn.modules.module.register_module_forward_pre_hook(self._pre_hook))
-            self.handles.append(nn.modules.module.register_module_forward_hook(self._post_hook))
-        except BaseException:
-            self._restore()
-            raise
+    def enter(self) -> bool:
+        self.autocast0 = _autocast_state()
+        self.swapped = [(p, p.data) for p in self.params if p.dtype in LOW_PRECISION]
+        for p, original in self.swapped:
+            p.data = original.float()
+        _set_autocast({dev: False for dev in self.autocast0})  # Lanczos' own algebra in full precision
+        self.handles.append(nn.modules.module.register_module_forward_pre_hook(self.pre_hook))
+        self.handles.append(nn.modules.module.register_module_forward_hook(self.post_hook))
         return bool(self.swapped)
 
-    def __exit__(self, *exc: object) -> None:
-        self._restore()
-
-    def _pre(self, module: nn.Module, args: Any) -> Any:
+    def pre(self, module: nn.Module, args: Any) -> Any:
         if threading.get_ident() != self.thread or self.autocast0 is None:
             return None  # another thread's module (see stableopt._state: refused there)
         for name, buf in module._buffers.items():
@@ -110,11 +98,17 @@ class float32_measurement:  # noqa: N801 - used like a function: ``with float32_
         low = any(isinstance(a, Tensor) and a.dtype in LOW_PRECISION for a in tree_leaves(args))
         return tree_map(_up, args) if low else None
 
-    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+    def post(self, module: nn.Module, args: Any, output: Any) -> None:
         if threading.get_ident() == self.thread and self.stack:
             _set_autocast(self.stack.pop())
 
-    def _restore(self) -> None:
+    def exit(self, *exc: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        if self.done:
+            return
+
         def params() -> None:
             for p, original in self.swapped:
                 p.data = original
@@ -124,12 +118,26 @@ class float32_measurement:  # noqa: N801 - used like a function: ``with float32_
                 module._buffers[name] = buf
 
         run_all([
-            lambda: remove_global_hook(self._pre_hook, self.handles[0] if self.handles else None, "_global_forward_pre_hooks"),
-            lambda: remove_global_hook(self._post_hook, self.handles[1] if len(self.handles) > 1 else None, "_global_forward_hooks"),
+            lambda: remove_global_hook(self.pre_hook, self.handles[0] if self.handles else None, "_global_forward_pre_hooks"),
+            lambda: remove_global_hook(self.post_hook, self.handles[1] if len(self.handles) > 1 else None, "_global_forward_hooks"),
             params,
             buffers,
             lambda: _set_autocast(self.autocast0) if self.autocast0 is not None else None,
+            lambda: setattr(self, "done", True),  # last: interrupted before here, it runs again
         ])
+
+
+class float32_measurement(RestoringContext):  # noqa: N801 - used like a function
+    """Run the block with low-precision ``params`` upcast and autocast off inside modules.
+
+    ``with float32_measurement(params) as upcast:`` — ``upcast`` says whether any parameter
+    was upcast. The hooks act in the entering thread only. On exit the hooks are removed
+    first, then parameters, buffers and autocast are put back, also when interrupted
+    (:class:`stableopt._state.RestoringContext`).
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self._restorer = _Upcast(params)
 
 
 def upcast_note(exc: BaseException) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import random
 import threading
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -38,7 +39,7 @@ try:  # NumPy is a core dependency, but keep the guard usable without it.
 except ImportError:  # pragma: no cover
     _np = None
 
-__all__ = ["RNGSnapshot", "grad_disabled", "preserved_training_state", "remove_global_hook", "run_all"]
+__all__ = ["RNGSnapshot", "RestoringContext", "grad_disabled", "preserved_training_state", "remove_global_hook", "run_all"]
 
 #: attempts per cleanup step before :func:`run_all` gives up on it and moves on
 _ATTEMPTS = 3
@@ -149,7 +150,122 @@ def _remove_step_hook(hook: Any, handle: Any) -> None:
         hooks.pop(key, None)
 
 
-class preserved_training_state:  # noqa: N801 - used like a function: ``with preserved_training_state() as rng``
+class _Measurement:
+    """What one measurement saved (the restorer of :class:`preserved_training_state`)."""
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        self.grad: bool | None = None
+        self.rng: RNGSnapshot | None = None
+        self.recorder: _BufferRecorder | None = None
+        self.handle: Any = None
+        self.step_handle: Any = None
+        self.step_hook = self.refuse_step  # one object, for removal by identity
+        self.done = False
+
+    @property
+    def name(self) -> str:
+        return next((t.name for t in threading.enumerate() if t.ident == self.thread), str(self.thread))
+
+    def enter(self) -> RNGSnapshot:
+        owner = _ACTIVE.setdefault("measurement", self)
+        if owner.thread != self.thread:
+            raise RuntimeError(
+                f"a stableopt measurement is already running in thread {owner.name!r}; measurements "
+                "save and restore process-wide state (RNG streams, module buffers) and cannot overlap. "
+                "Measure from one thread (the one that trains: opt.monitor does), one at a time"
+            )
+        self.grad = torch.is_grad_enabled()
+        self.rng = RNGSnapshot()
+        self.recorder = _BufferRecorder(self.thread)
+        self.handle = nn.modules.module.register_module_forward_pre_hook(self.recorder)
+        self.step_handle = _optimizer_module.register_optimizer_step_pre_hook(self.step_hook)
+        return self.rng
+
+    def refuse_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if threading.get_ident() != self.thread:
+            if self.recorder is not None:
+                self.recorder.foreign.setdefault(id(optimizer), f"{threading.current_thread().name!r} stepped {type(optimizer).__name__}")
+            return
+        raise RuntimeError(
+            f"{type(optimizer).__name__}.step() was called inside a stableopt measurement (from loss_fn, "
+            "e.g. a monitor's); a measurement must not train, and a monitor's loss_fn that steps "
+            "would measure again inside its own step. Compute the loss only; step in the training loop"
+        )
+
+    def exit(self, *exc: object) -> None:
+        self.restore()
+        foreign = self.recorder.foreign if self.recorder is not None else {}
+        if foreign:
+            raise RuntimeError(
+                "stableopt: modules ran in another thread during this measurement "
+                f"({'; '.join(list(foreign.values())[:3])}); a measurement cannot restore process-wide "
+                "state while another thread trains, so it left the RNG streams and those modules' "
+                "buffers as they are. Measure from the thread that trains (opt.monitor does), or "
+                "pause training while measuring"
+            )
+
+    def restore(self) -> None:
+        """Put everything back (idempotent; hooks first; see :func:`run_all`)."""
+        if self.done:
+            return
+        recorder = self.recorder
+
+        def rng() -> None:  # after the hook is gone, so ``foreign`` is final
+            if self.rng is not None and not (recorder is not None and recorder.foreign):
+                self.rng.restore()
+
+        run_all([
+            lambda: remove_global_hook(recorder, self.handle) if recorder is not None else None,
+            lambda: _remove_step_hook(self.step_hook, self.step_handle),
+            lambda: recorder.restore() if recorder is not None else None,
+            rng,
+            lambda: torch.set_grad_enabled(self.grad) if self.grad is not None else None,
+            lambda: _ACTIVE.pop("measurement", None) if _ACTIVE.get("measurement") is self else None,
+            lambda: setattr(self, "done", True),  # last: interrupted before here, it runs again
+        ])
+
+
+class _ExitDescriptor:
+    """``__exit__`` of a :class:`RestoringContext`: the restorer's own ``exit``, watched.
+
+    The ``with`` statement looks ``__exit__`` up on entry and holds the returned callable until
+    it has called it. Should an interrupt arrive at the very start of that call — before any
+    line of ``exit`` ran, a moment no ``try`` can cover — the statement drops the callable
+    while the exception unwinds, and a weak-reference callback on it restores instead. After a
+    normal exit the callback finds the restore done and does nothing.
+    """
+
+    def __get__(self, cm: Any, owner: Any = None) -> Any:
+        if cm is None:  # ``type(cm).__exit__`` (contextlib.ExitStack): a plain function
+            return _class_exit
+        restorer = cm._restorer
+        exit = restorer.exit
+        restorer.watch = weakref.ref(exit, lambda _: restorer.restore())
+        return exit
+
+
+def _class_exit(cm: Any, *exc: object) -> Any:
+    return cm._restorer.exit(*exc)
+
+
+class RestoringContext:
+    """A context manager whose ``_restorer`` has ``enter()`` and an idempotent ``restore()``
+    that survives interrupts (:func:`run_all`): entering restores if interrupted half-way, and
+    exiting restores even if an interrupt keeps ``__exit__`` from starting."""
+
+    _restorer: Any
+    __exit__ = _ExitDescriptor()
+
+    def __enter__(self) -> Any:
+        try:
+            return self._restorer.enter()  # inside the try: an interrupt even at its return restores
+        except BaseException:
+            self._restorer.restore()
+            raise
+
+
+class preserved_training_state(RestoringContext):  # noqa: N801 - used like a function
     """Restore RNG streams, grad mode and the buffers of every module run inside the block.
 
     ``with preserved_training_state() as rng:`` yields the :class:`RNGSnapshot` taken on
@@ -162,88 +278,31 @@ class preserved_training_state:  # noqa: N801 - used like a function: ``with pre
     """
 
     def __init__(self) -> None:
-        self.thread = threading.get_ident()
-        self.grad: bool | None = None
-        self.rng: RNGSnapshot | None = None
-        self.recorder: _BufferRecorder | None = None
-        self.handle: Any = None
-        self.step_handle: Any = None
-        self._step_hook = self._refuse_step  # one object, for removal by identity
-
-    def __enter__(self) -> RNGSnapshot:
-        try:
-            owner = _ACTIVE.setdefault("measurement", self)
-            if owner.thread != self.thread:
-                raise RuntimeError(
-                    f"a stableopt measurement is already running in thread {owner.name!r}; measurements "
-                    "save and restore process-wide state (RNG streams, module buffers) and cannot overlap. "
-                    "Measure from one thread (the one that trains: opt.monitor does), one at a time"
-                )
-            self.grad = torch.is_grad_enabled()
-            self.rng = RNGSnapshot()
-            self.recorder = _BufferRecorder(self.thread)
-            self.handle = nn.modules.module.register_module_forward_pre_hook(self.recorder)
-            self.step_handle = _optimizer_module.register_optimizer_step_pre_hook(self._step_hook)
-        except BaseException:
-            self._restore()
-            raise
-        return self.rng
-
-    def _refuse_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if threading.get_ident() != self.thread:
-            if self.recorder is not None:
-                self.recorder.foreign.setdefault(id(optimizer), f"{threading.current_thread().name!r} stepped {type(optimizer).__name__}")
-            return
-        raise RuntimeError(
-            f"{type(optimizer).__name__}.step() was called inside a stableopt measurement (from loss_fn, "
-            "e.g. a monitor's); a measurement must not train, and a monitor's loss_fn that steps "
-            "would measure again inside its own step. Compute the loss only; step in the training loop"
-        )
-
-    @property
-    def name(self) -> str:
-        return next((t.name for t in threading.enumerate() if t.ident == self.thread), str(self.thread))
-
-    def __exit__(self, *exc: object) -> None:
-        self._restore()
-        foreign = self.recorder.foreign if self.recorder is not None else {}
-        if foreign:
-            raise RuntimeError(
-                "stableopt: modules ran in another thread during this measurement "
-                f"({'; '.join(list(foreign.values())[:3])}); a measurement cannot restore process-wide "
-                "state while another thread trains, so it left the RNG streams and those modules' "
-                "buffers as they are. Measure from the thread that trains (opt.monitor does), or "
-                "pause training while measuring"
-            )
-
-    def _restore(self) -> None:
-        recorder = self.recorder
-
-        def rng() -> None:  # after the hook is gone, so ``foreign`` is final
-            if self.rng is not None and not (recorder is not None and recorder.foreign):
-                self.rng.restore()
-
-        run_all([
-            lambda: remove_global_hook(recorder, self.handle) if recorder is not None else None,
-            lambda: _remove_step_hook(self._step_hook, self.step_handle),
-            lambda: recorder.restore() if recorder is not None else None,
-            rng,
-            lambda: torch.set_grad_enabled(self.grad) if self.grad is not None else None,
-            lambda: _ACTIVE.pop("measurement", None) if _ACTIVE.get("measurement") is self else None,
-        ])
+        self._restorer = _Measurement()
 
 
-class grad_disabled:  # noqa: N801 - a context manager like torch.no_grad
-    """``torch.no_grad()`` whose exit restores grad mode even when interrupted (see
-    :func:`run_all`); entering it does not leave grad mode off if interrupted either."""
+class _GradOff:
+    def __init__(self) -> None:
+        self.previous: bool | None = None
+        self.done = False
 
-    def __enter__(self) -> None:
+    def enter(self) -> None:
         self.previous = torch.is_grad_enabled()
-        try:
-            torch.set_grad_enabled(False)
-        except BaseException:
-            run_all([lambda: torch.set_grad_enabled(self.previous)])
-            raise
+        torch.set_grad_enabled(False)
 
-    def __exit__(self, *exc: object) -> None:
-        run_all([lambda: torch.set_grad_enabled(self.previous)])
+    def restore(self) -> None:
+        if not self.done:
+            run_all([
+                lambda: torch.set_grad_enabled(self.previous) if self.previous is not None else None,
+                lambda: setattr(self, "done", True),
+            ])
+
+    def exit(self, *exc: object) -> None:
+        self.restore()
+
+
+class grad_disabled(RestoringContext):  # noqa: N801 - a context manager like torch.no_grad
+    """``torch.no_grad()`` whose exit restores grad mode even when interrupted."""
+
+    def __init__(self) -> None:
+        self._restorer = _GradOff()

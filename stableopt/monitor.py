@@ -270,7 +270,7 @@ class MonitorSet:
         self._secant_users = 0
         self._secant_hook: Any = None
         self._step_hook: Any = None  # one torch step post hook runs every monitor
-        self._dispatching = 0  # > 0 while monitors measure inside step()
+        self._dispatching = False  # True while monitors measure inside step()
 
     @property
     def view(self) -> _LiveView:
@@ -327,13 +327,13 @@ class MonitorSet:
                 "measurement hook); a measurement must not train. Step in the training loop only"
             )
         step = optimizer._stableopt_step
-        self._dispatching += 1
+        self._dispatching = True
         try:
             for monitor in list(self.monitors.values()):
                 if monitor.active and step % monitor.every == 0:
                     monitor.measure()
         finally:
-            self._dispatching -= 1
+            self._dispatching = False
 
     def _removed(self, monitor: Monitor) -> None:
         self.monitors.pop(monitor.id, None)
