@@ -11,10 +11,11 @@ a one-line ``ValueError`` that names the file and the field.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import stat
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -164,3 +165,23 @@ def elapsed_of(metadata: dict[str, str], columns: dict[str, Any]) -> float:
         return float(metadata["elapsed"])
     last = columns.get("elapsed")
     return float(last[-1]) if last is not None and len(last) else 0.0
+
+
+def jsonable(value: Any) -> Any:
+    """Hyper-parameters as JSON: tensors become numbers, tuples lists, the rest ``repr``."""
+    try:
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            return value.item() if value.numel() == 1 else value.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    return repr(value)

@@ -74,6 +74,7 @@ class _Upcast:
         self.stack: list[dict[str, bool]] = []
         self.handles: list[Any] = []
         self.pre_hook, self.post_hook = self.pre, self.post  # one object each, for removal
+        self.watch: Any = None  # set by RestoringContext.__exit__'s lookup
         self.done = False
 
     def enter(self) -> bool:
@@ -123,8 +124,13 @@ class _Upcast:
             params,
             buffers,
             lambda: _set_autocast(self.autocast0) if self.autocast0 is not None else None,
-            lambda: setattr(self, "done", True),  # last: interrupted before here, it runs again
+            self.finish,  # last: interrupted before here, it all runs again
         ])
+
+    def finish(self) -> None:
+        """Done: drop the references that make a cycle, so that the float32 copies are freed now."""
+        self.done = True
+        self.pre_hook = self.post_hook = self.watch = None
 
 
 class float32_measurement(RestoringContext):  # noqa: N801 - used like a function

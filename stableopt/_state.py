@@ -161,6 +161,7 @@ class _Measurement:
         self.handle: Any = None
         self.step_handle: Any = None
         self.step_hook = self.refuse_step  # one object, for removal by identity
+        self.watch: Any = None  # set by RestoringContext.__exit__'s lookup
         self.done = False
 
     @property
@@ -222,8 +223,14 @@ class _Measurement:
             rng,
             lambda: torch.set_grad_enabled(self.grad) if self.grad is not None else None,
             lambda: _ACTIVE.pop("measurement", None) if _ACTIVE.get("measurement") is self else None,
-            lambda: setattr(self, "done", True),  # last: interrupted before here, it runs again
+            self.finish,  # last: interrupted before here, it all runs again
         ])
+
+    def finish(self) -> None:
+        """Done: drop the references that make a cycle (hook and watch), so that what the
+        measurement saved (buffer copies, RNG states) is freed now, not at the next GC."""
+        self.done = True
+        self.step_hook = self.watch = None
 
 
 class _ExitDescriptor:
@@ -284,6 +291,7 @@ class preserved_training_state(RestoringContext):  # noqa: N801 - used like a fu
 class _GradOff:
     def __init__(self) -> None:
         self.previous: bool | None = None
+        self.watch: Any = None
         self.done = False
 
     def enter(self) -> None:
@@ -294,8 +302,12 @@ class _GradOff:
         if not self.done:
             run_all([
                 lambda: torch.set_grad_enabled(self.previous) if self.previous is not None else None,
-                lambda: setattr(self, "done", True),
+                self.finish,
             ])
+
+    def finish(self) -> None:
+        self.done = True
+        self.watch = None  # the weak reference's callback refers back to this object
 
     def exit(self, *exc: object) -> None:
         self.restore()

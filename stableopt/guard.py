@@ -111,7 +111,9 @@ class LRGuard:
     λ_max(D^{1/2}HD^{1/2}) with per-group D, SCIENCE.md). The guard does not apportion it among
     groups: every action multiplies the factor of *every* group by the same amount (each clipped
     to its own floor and cap), which scales D uniformly and so moves the ratio exactly as
-    computed. Each group keeps its own factor and gets its own event.
+    computed. Each group keeps its own factor and gets its own event. A group added with
+    ``add_param_group`` after an action starts, from its first step, at the factor a group
+    present from the start has (``opt.effective_lr()`` shows it from that step on).
 
     **Adam's bias-correction transient.** During the first ~3/(1−β1) steps (30 at β1 = 0.9)
     Adam's bias-corrected momentum is not yet the EMA the 38/η threshold assumes (at step 1 the

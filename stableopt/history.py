@@ -17,9 +17,12 @@
 
 Each row takes a fixed number of machine words (strings are cut at
 :data:`MAX_REASON_CHARS`). Columns are plain ``array.array`` buffers: appending is O(1) and
-reading one gives a NumPy array. :meth:`History.save` writes safetensors (one contiguous 1-D
-tensor per column plus string metadata); :meth:`History.load` reads it back exactly and turns
-every kind of bad file into a ``ValueError`` that names the file. Nothing is ever unpickled.
+all-or-nothing (an interrupted append adds no row), and reading one gives a NumPy array.
+:meth:`History.save` writes safetensors (one contiguous 1-D tensor per column plus string
+metadata) atomically; :meth:`History.load` reads it back exactly, treating every byte as
+untrusted (:mod:`stableopt._history_file`), and turns every kind of bad file into a one-line
+``ValueError`` that names the file and the field. Nothing is ever unpickled. What a column may
+hold is :mod:`stableopt._columns`.
 """
 
 from __future__ import annotations
@@ -70,26 +73,6 @@ class GuardEvent:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _jsonable(value: Any) -> Any:
-    """Hyper-parameters as JSON: tensors become numbers, tuples lists, the rest ``repr``."""
-    try:
-        import torch
-
-        if isinstance(value, torch.Tensor):
-            return value.item() if value.numel() == 1 else value.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return repr(value)
 
 
 class History:
@@ -298,7 +281,7 @@ class History:
         meta = dict(self.metadata)
         opt = self._optimizer() if self._optimizer is not None else None
         if opt is not None:
-            groups = [{k: _jsonable(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            groups = [{k: _history_file.jsonable(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
             meta["optimizer"] = _history_file.safe_name(type(opt).__name__)
             meta["hyperparameters"] = json.dumps(groups, sort_keys=True)
         try:
