@@ -285,3 +285,51 @@ def test_hvp_totals_never_overflow(tmp_path, good, capsys):
     save_file({**tensors, "hvps": np.full(n, 2**31 - 1, np.int64)}, str(path), metadata=meta)
     assert main(["report", str(path)]) == 0
     assert f"{n * (2**31 - 1):,} HVPs" in capsys.readouterr().out
+
+
+def test_special_paths_give_one_line_cli_errors(tmp_path, capsys):
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop.safetensors"
+    os.symlink(loop, loop)
+    for path, problem in ((fifo, "is a FIFO"), (loop, "a loop of symbolic links"), (tmp_path, "is a directory")):
+        assert main(["report", str(path)]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and problem in err, err
+
+
+def test_strings_from_a_state_dict_are_shown_literally():
+    """Event reasons travel in checkpoints too: a tampered one loads (it is free text) and
+    reaches opt.report() literally."""
+    from rich.console import Console
+
+    opt = _history()
+    sd = opt.state_dict()
+    sd["stableopt"]["components"]["history"]["event_reasons"] = [EVIL[:200]]
+    fresh = _history(events=False)
+    fresh.load_state_dict(sd)
+    console = Console(record=True, width=300, force_terminal=True, color_system="truecolor")
+    fresh.report(console=console)
+    styled, plain = console.export_text(styles=True, clear=False), console.export_text()
+    assert not CONTROL.search(re.sub(r"\x1b\[[0-9;]*m", "", styled).replace("\n", ""))
+    assert "[blink red]PWNED[/]" in plain and "\\x1b]0;title\\x07" in plain
+
+
+def test_a_hostile_optimizer_class_name_is_shown_literally_and_saved_safely(tmp_path, capsys):
+    Evil = type("[/]" + EVIL, (stableopt.SGD,), {})  # unbalanced markup raised MarkupError
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = Evil([w], lr=0.1)
+    (w**2).sum().backward()
+    opt.step()
+    opt.sharpness(lambda: (w**2).sum())
+    from rich.console import Console
+
+    console = Console(record=True, width=300)
+    opt.report(console=console)  # the name is neutralised to a class-name form, never parsed
+    assert "stableopt · ____blink_red_PWNED___" in console.export_text()
+    path = tmp_path / "evil.safetensors"
+    opt.history.save(path)  # saved under a name the loader accepts
+    assert re.fullmatch(r"[A-Za-z0-9_.]+", History.load(path).metadata["optimizer"])
+    pytest.importorskip("matplotlib")
+    figure = stableopt.plot_history(opt.history, tmp_path / "evil.png")
+    assert figure._suptitle.get_text().startswith("____blink_red_PWNED")
