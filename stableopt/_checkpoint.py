@@ -17,6 +17,7 @@ model, not the copy.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from typing import Any, Callable, Mapping
@@ -136,7 +137,8 @@ def load(opt: Any, state_dict: Any, torch_load: Callable[[Any], None]) -> None:
 def getstate(opt: Any, torch_state: dict[str, Any]) -> dict[str, Any]:
     """What pickling ``opt`` keeps: torch's state plus the stableopt entry and the guard."""
     state = dict(torch_state)
-    state[_PICKLE_KEY] = {"entry": state_entry(opt), "guard": opt.guard}
+    guard = copy.copy(opt.guard) if opt.guard is not None else None  # detached (LRGuard.__getstate__)
+    state[_PICKLE_KEY] = {"entry": state_entry(opt), "guard": guard}
     return state
 
 

@@ -171,11 +171,11 @@ def test_a_guard_entry_is_checked_even_without_a_guard():
         plain.load_state_dict(sd)
 
 
-@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "copy"])
 def test_pickle_and_deepcopy_keep_the_cut_the_history_and_the_schedules(how):
     model, opt, loss_fn = _trained()
     assert opt.guard.factors[0] < 1.0
-    clone_of = copy.deepcopy if how == "deepcopy" else (lambda o: pickle.loads(pickle.dumps(o)))
+    clone_of = {"deepcopy": copy.deepcopy, "copy": copy.copy, "pickle": lambda o: pickle.loads(pickle.dumps(o))}[how]
     if how == "pickle":  # a lambda loss_fn cannot be pickled; the copy never holds it anyway
         opt.guard._loss_fn = None
     clone = clone_of(opt)
@@ -183,6 +183,9 @@ def test_pickle_and_deepcopy_keep_the_cut_the_history_and_the_schedules(how):
     assert clone.effective_lr() == opt.effective_lr() and clone.guard is not opt.guard
     assert clone.guard.factors == opt.guard.factors and clone.guard.events == opt.guard.events
     assert clone.history.to_dict().keys() == opt.history.to_dict().keys()
+    assert opt.guard._optimizer is opt  # the original keeps its guard
+    if how == "copy":  # a shallow copy shares the parameters: nothing more to compare
+        return
     # the copy trains at the cut lr: its next step is the original's next step
     params = [p for g in clone.param_groups for p in g["params"]]
     for p, q in zip(params, model.parameters()):

@@ -333,3 +333,16 @@ def test_a_hostile_optimizer_class_name_is_shown_literally_and_saved_safely(tmp_
     pytest.importorskip("matplotlib")
     figure = stableopt.plot_history(opt.history, tmp_path / "evil.png")
     assert figure._suptitle.get_text().startswith("____blink_red_PWNED")
+
+
+def test_a_user_title_is_shown_literally():
+    from rich.console import Console
+    from rich.text import Text
+
+    history = _history().history
+    console = Console(record=True, width=300, force_terminal=True)
+    console.print(stableopt.render_report(history, title="[link=x]run[/link] \x1b]0;t\x07"))
+    console.print(stableopt.render_report(History(), title="[/]empty"))  # unbalanced: no MarkupError
+    console.print(stableopt.render_report(history, title=Text("styled", style="bold red")))  # a Text as given
+    plain = console.export_text()
+    assert "[link=x]run[/link] \\x1b]0;t\\x07" in plain and "[/]empty" in plain and "styled" in plain
