@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Sequence
 
+from ._text import literal
+
 __all__ = ["main"]
 
 
@@ -59,53 +61,81 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    from rich.console import Console
+def _fail(message: object) -> int:
+    """One line on stderr, shown literally (a hostile file name or field cannot reach the
+    terminal as control codes or markup), and exit status 1."""
+    sys.stderr.write(f"stableopt report: error: {literal(message, 600)}\n")
+    sys.stderr.flush()
+    return 1
 
+
+def _report(args: argparse.Namespace) -> int:
+    try:
+        return _report_unchecked(args)
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130  # as a shell reports SIGINT
+    except Exception as exc:  # never a traceback for a file: one line, exit 1
+        return _fail(f"unexpected {type(exc).__name__}: {exc}")
+
+
+def _report_unchecked(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.text import Text
+
+    from ._atomic import same_file
     from .history import History
     from .report import render_saved
 
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-    def fail(message: str) -> int:
-        err.print(f"stableopt report: error: {message}", markup=False)
-        return 1
-
+    outputs = [(flag, path) for flag, path in (("--csv", args.csv), ("--plot", args.plot)) if path]
+    for flag, path in outputs:
+        if same_file(path, args.file):
+            return _fail(f"{flag} {path} is the input file; refusing to overwrite the history")
+    if len(outputs) == 2 and same_file(args.csv, args.plot):
+        return _fail(f"--csv and --plot name the same file ({args.csv})")
     try:
         history = History.load(args.file)
     except ValueError as exc:
-        return fail(str(exc))
+        return _fail(exc)
     console = Console()
     console.print(render_saved(history, args.file))
     if args.csv:
         try:
-            _write_csv(history, args.csv)
+            written = _write_csv(history, args.csv)
+        except ValueError as exc:
+            return _fail(exc)
         except OSError as exc:
-            return fail(f"cannot write {args.csv}: {exc.strerror or exc}")
-        console.print(f"wrote {args.csv}", highlight=False)
+            return _fail(f"cannot write {args.csv}: {exc.strerror or exc}")
+        console.print(Text(f"wrote {literal(written, 300)}"))
     if args.plot:
         from .plot import plot_history
 
         try:
             plot_history(history, args.plot)
         except (ImportError, ValueError) as exc:
-            return fail(str(exc))
+            return _fail(exc)
         except OSError as exc:
-            return fail(f"cannot write {args.plot}: {exc.strerror or exc}")
-        console.print(f"wrote {args.plot}", highlight=False)
+            return _fail(f"cannot write {args.plot}: {exc.strerror or exc}")
+        console.print(Text(f"wrote {literal(args.plot, 300)}"))
     return 0
 
 
-def _write_csv(history: object, path: str) -> None:
+def _write_csv(history: object, path: str) -> str:
+    """The measurements as CSV (floats as ``repr``: exact), written atomically."""
     import csv
+
+    from ._atomic import atomic_write
 
     cols = history.to_dict()  # type: ignore[attr-defined]
     names = list(cols)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+
+    def write(f: object) -> None:
+        writer = csv.writer(f)  # type: ignore[arg-type]
         writer.writerow(names)
         for i in range(len(history)):  # type: ignore[arg-type]
             writer.writerow([repr(float(cols[n][i])) if cols[n].dtype.kind == "f" else int(cols[n][i]) for n in names])
+
+    return atomic_write(path, write, text=True)
 
 
 class _null:

@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 # 1 after the ratio stayed below the recovery level), "raise" (mode="edge", factor above 1).
 from .backends import check_backend
 from .history import GuardEvent
+from ._checkpoint import check_guard_state
 from .rules import ADAM_TRANSIENT  # noqa: F401 - re-exported (it lived here before 0.2)
 
 __all__ = ["GuardEvent", "LRGuard"]
@@ -106,7 +107,9 @@ class LRGuard:
     λ_max(D^{1/2}HD^{1/2}) with per-group D, SCIENCE.md). The guard does not apportion it among
     groups: every action multiplies the factor of *every* group by the same amount (each clipped
     to its own floor and cap), which scales D uniformly and so moves the ratio exactly as
-    computed. Each group keeps its own factor and gets its own event.
+    computed. Each group keeps its own factor and gets its own event. A group added with
+    ``add_param_group`` after an action starts, from its first step, at the factor a group
+    present from the start has (``opt.effective_lr()`` shows it from that step on).
 
     **Adam's bias-correction transient.** During the first ~3/(1−β1) steps (30 at β1 = 0.9)
     Adam's bias-corrected momentum is not yet the EMA the 38/η threshold assumes (at step 1 the
@@ -223,6 +226,7 @@ class LRGuard:
         self.measurements = 0
         self.skipped = 0
         self._below = 0  # consecutive measurements below ``recovery``
+        self._common = 1.0  # the factor of a group present from the start (for added groups)
         self._warned_floor = False
         self._optimizer: Any = None
         self._handles: list[RemovableHandle] = []
@@ -244,6 +248,7 @@ class LRGuard:
             raise TypeError(f"LRGuard needs a stableopt optimizer (stableopt.Adam, ...), got {type(optimizer).__name__}")
         self._optimizer = optimizer
         self._handles.append(optimizer.register_measurement_hook(self._on_measurement))
+        self._handles.append(optimizer.register_step_pre_hook(self._before_step))
         optimizer._stableopt_components["guard"] = self
         if self.every is not None:
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
@@ -287,6 +292,13 @@ class LRGuard:
                 opt.guard = None
         self._optimizer = None
 
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """A param group added since the last action starts at the common factor (the factor
+        of a group that was there from the start), not at 1: the cut applies to it too."""
+        scale = optimizer._stableopt_lr_scale
+        if scale is not None and len(scale) < len(optimizer.param_groups):
+            optimizer._stableopt_lr_scale = self.factors
+
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if optimizer.steps_taken % self.every != 0:  # type: ignore[operator]
             return
@@ -305,7 +317,7 @@ class LRGuard:
         if opt is None:
             return []
         scale = opt._stableopt_lr_scale or []
-        return [float(f) for f in scale] + [1.0] * (len(opt.param_groups) - len(scale))
+        return [float(f) for f in scale] + [self._common] * (len(opt.param_groups) - len(scale))
 
     def warmup_steps(self) -> int:
         """Measurements before this step are ignored (Adam's bias-correction transient)."""
@@ -338,6 +350,7 @@ class LRGuard:
         if ratio > self.trigger:
             self._below = 0
             new = [max(self.floor, f * self.target / ratio) for f in old]
+            common = max(self.floor, self._common * self.target / ratio)
             reason = "cut"
         elif ratio < self.recovery:
             self._below += 1
@@ -346,6 +359,7 @@ class LRGuard:
             self._below = 0
             up = min(self.relax_rate, self.target / ratio) if ratio > 0 else self.relax_rate
             new = [max(f, min(self.cap, f * up)) for f in old]
+            common = max(self._common, min(self.cap, self._common * up))
             reason = "relax"
         else:
             self._below = 0
@@ -355,6 +369,7 @@ class LRGuard:
             for i, (o, n) in enumerate(zip(old, new))
             if n != o
         ]
+        self._common = common
         if not events:
             return []
         self._optimizer._stableopt_lr_scale = new
@@ -379,27 +394,48 @@ class LRGuard:
         dict, which also puts every factor back to 1)."""
         self.events = []
         self.measurements = self.skipped = self._below = 0
+        self._common = 1.0
         self._warned_floor = False
 
     def state_dict(self) -> dict[str, Any]:
         """Factors, counters and events (plain Python values)."""
         return {
             "factors": self.factors,
+            "common": self._common,
             "measurements": self.measurements,
             "skipped": self.skipped,
             "below": self._below,
             "events": [astuple(e) for e in self.events],
         }
 
+    def prepare_load(self, state: Any) -> Callable[[], None]:
+        """Check a :meth:`state_dict`; returns the commit that loads it (and cannot fail)."""
+        checked = check_guard_state(state)
+        factors = checked["factors"]
+
+        def commit() -> None:
+            self.measurements, self.skipped, self._below = checked["measurements"], checked["skipped"], checked["below"]
+            self.events, self._common = checked["events"], checked["common"]
+            if self._optimizer is not None:
+                self._optimizer._stableopt_lr_scale = factors if any(f != 1.0 for f in factors) else None
+
+        return commit
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (also sets the optimizer's factors)."""
-        self.measurements = int(state.get("measurements", 0))
-        self.skipped = int(state.get("skipped", 0))
-        self._below = int(state.get("below", 0))
-        self.events = [GuardEvent(int(s), int(g), float(o), float(n), float(r), str(why)) for s, g, o, n, r, why in state.get("events", [])]
-        factors = [float(f) for f in state.get("factors", [])]
-        if self._optimizer is not None:
-            self._optimizer._stableopt_lr_scale = factors if any(f != 1.0 for f in factors) else None
+        """Restore what :meth:`state_dict` returned (also sets the optimizer's factors).
+
+        Raises:
+            ValueError: a field is missing its type or range (nothing is changed).
+        """
+        self.prepare_load(state)()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A pickled or copied guard is detached and forgets the user's ``loss_fn`` and
+        batches (they belong to the original model); the optimizer's copy re-binds it."""
+        state = dict(self.__dict__)
+        state.update(_optimizer=None, _handles=[], _loss_fn=None)
+        state["_sharpness_kwargs"] = {**self._sharpness_kwargs, "batches": None}
+        return state
 
     def __repr__(self) -> str:
         return (

@@ -17,9 +17,12 @@
 
 Each row takes a fixed number of machine words (strings are cut at
 :data:`MAX_REASON_CHARS`). Columns are plain ``array.array`` buffers: appending is O(1) and
-reading one gives a NumPy array. :meth:`History.save` writes safetensors (one contiguous 1-D
-tensor per column plus string metadata); :meth:`History.load` reads it back exactly and turns
-every kind of bad file into a ``ValueError`` that names the file. Nothing is ever unpickled.
+all-or-nothing (an interrupted append adds no row), and reading one gives a NumPy array.
+:meth:`History.save` writes safetensors (one contiguous 1-D tensor per column plus string
+metadata) atomically; :meth:`History.load` reads it back exactly, treating every byte as
+untrusted (:mod:`stableopt._history_file`), and turns every kind of bad file into a one-line
+``ValueError`` that names the file and the field. Nothing is ever unpickled. What a column may
+hold is :mod:`stableopt._columns`.
 """
 
 from __future__ import annotations
@@ -27,54 +30,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import weakref
 from array import array
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from . import _history_file
+from ._columns import (  # noqa: F401 - the column tables are part of this module's API
+    DYNAMIC_PREFIXES, EVENT_COLUMNS, MAX_REASON_CHARS, MEASUREMENT_COLUMNS, SCHEMA_VERSION,
+    SECANT_COLUMNS, TABLES, Tables, check_row, dynamic_order, is_dynamic, table_of, tables_from_state, typed,
+)
+from ._history_file import FORMAT
+
 __all__ = ["FORMAT", "SCHEMA_VERSION", "GuardEvent", "History"]
 
-#: Value of the ``format`` metadata key of a saved history.
-FORMAT = "stableopt.history"
-#: Version of the column layout; files with a larger number are refused, not misread.
-SCHEMA_VERSION = 1
-#: Guard reasons longer than this are cut, so that every record has a bounded size.
-MAX_REASON_CHARS = 200
-
-# typecode of array.array -> numpy dtype
-_NP = {"q": np.int64, "d": np.float64, "b": np.bool_}
-_TYPECODE = {np.dtype(np.int64): "q", np.dtype(np.float64): "d", np.dtype(np.bool_): "b"}
-
-#: the measurement columns every row has, in order, with their types
-MEASUREMENT_COLUMNS: dict[str, str] = {
-    "step": "q",
-    "loss": "d",
-    "preconditioned": "d",
-    "raw": "d",
-    "threshold": "d",
-    "ratio": "d",
-    "residual": "d",
-    "hvps": "q",
-    "seconds": "d",
-    "converged": "b",
-    "monitor": "q",
-    "elapsed": "d",
-}
-#: prefixes of the per-group / per-eigenvalue measurement columns (all float64)
-DYNAMIC_PREFIXES = ("lr_", "threshold_", "eig_")
-SECANT_COLUMNS: dict[str, str] = {"secant_step": "q", "secant": "d", "secant_ratio": "d"}
-EVENT_COLUMNS: dict[str, str] = {
-    "event_step": "q",
-    "event_group": "q",
-    "event_old_factor": "d",
-    "event_new_factor": "d",
-    "event_ratio": "d",
-}
-_TABLES = ("measurements", "secant", "events")
+_NP = {"q": np.int64, "d": np.float64, "b": np.bool_}  # array typecode -> numpy dtype
+_TABLES = tuple(TABLES)
 
 
 @dataclass(frozen=True)
@@ -101,45 +75,6 @@ class GuardEvent:
         return asdict(self)
 
 
-def _dynamic_order(name: str) -> tuple[int, int, str]:
-    for i, prefix in enumerate(DYNAMIC_PREFIXES):
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            return (i, int(name[len(prefix):]), name)
-    return (len(DYNAMIC_PREFIXES), 0, name)
-
-
-def _is_dynamic(name: str) -> bool:
-    return _dynamic_order(name)[0] < len(DYNAMIC_PREFIXES)
-
-
-def _table_of(name: str) -> str:
-    if name in SECANT_COLUMNS:
-        return "secant"
-    if name.startswith("event_"):
-        return "events"
-    return "measurements"
-
-
-def _jsonable(value: Any) -> Any:
-    """Hyper-parameters as JSON: tensors become numbers, tuples lists, the rest ``repr``."""
-    try:
-        import torch
-
-        if isinstance(value, torch.Tensor):
-            return value.item() if value.numel() == 1 else value.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return repr(value)
-
-
 class History:
     """Append-only record of an optimizer's measurements, secant estimates and guard events.
 
@@ -162,40 +97,46 @@ class History:
         self.source = -1
         #: string metadata of a loaded file (empty for a live history)
         self.metadata: dict[str, str] = {}
-        self.reset()
+        self._t = Tables.empty()
 
     # -- storage -------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget everything (a torch state dict without history was loaded)."""
-        self._cols: dict[str, dict[str, array]] = {
-            "measurements": {name: array(tc) for name, tc in MEASUREMENT_COLUMNS.items()},
-            "secant": {name: array(tc) for name, tc in SECANT_COLUMNS.items()},
-            "events": {name: array(tc) for name, tc in EVENT_COLUMNS.items()},
-        }
-        self._rows = {"measurements": 0, "secant": 0, "events": 0}
-        self._reasons: list[str] = []
+        self._t = Tables.empty()
 
-    def _append(self, table: str, row: Mapping[str, Any]) -> None:
-        cols = self._cols[table]
-        n = self._rows[table]
+    def _append(self, table: str, row: Mapping[str, Any], reason: str | None = None) -> None:
+        """Append one row, all or nothing: values are converted and checked first, and the row
+        counts only once the final ``rows`` update ran (an interrupt before it leaves no row)."""
+        t = self._t
+        cols = t.cols[table]
+        n = t.rows[table]
+        values: dict[str, Any] = {}
         for name in row:
+            if name not in cols and (table != "measurements" or not is_dynamic(name)):
+                raise KeyError(f"unknown {table} column {name!r}")
+        for name in [*cols, *(k for k in row if k not in cols)]:
+            value = typed(cols[name].typecode if name in cols else "d", row.get(name, math.nan))
+            previous = cols[name][n - 1] if n and name in cols else None
+            problem = check_row(name, value, previous)
+            if problem is not None:
+                raise ValueError(f"History: cannot record this {table} row: {problem}")
+            values[name] = value
+        for col in cols.values():
+            if len(col) > n:
+                del col[n:]
+        for name in values:
             if name not in cols:
-                if table != "measurements" or not _is_dynamic(name):
-                    raise KeyError(f"unknown {table} column {name!r}")
                 cols[name] = array("d", [math.nan]) * n  # backfill earlier rows
         for name, col in cols.items():
-            value = row.get(name, math.nan)
-            if col.typecode == "d":
-                col.append(float(value))
-            elif col.typecode == "b":
-                col.append(1 if value else 0)
-            else:
-                col.append(int(value))
-        self._rows[table] = n + 1
+            col.append(values[name])
+        if reason is not None:
+            del t.reasons[n:]
+            t.reasons.append(reason)
+        t.rows[table] = n + 1
 
     def elapsed(self) -> float:
-        """Wall seconds since the optimizer was created (continued across checkpoints; frozen
-        in a history loaded from a file)."""
+        """Wall seconds since the optimizer was created (continued across checkpoints from the
+        last recorded ``elapsed``; frozen in a history loaded from a file)."""
         if self._clock is None:
             return self._clock_offset
         return self._clock_offset + (time.perf_counter() - self._clock)
@@ -245,28 +186,26 @@ class History:
                 "event_new_factor": new_factor,
                 "event_ratio": ratio,
             },
+            reason=str(reason)[:MAX_REASON_CHARS],
         )
-        self._reasons.append(str(reason)[:MAX_REASON_CHARS])
 
     # -- reading -------------------------------------------------------------------------------
     def __len__(self) -> int:
         """Number of measurements."""
-        return self._rows["measurements"]
+        return self._t.rows["measurements"]
 
     def __repr__(self) -> str:
-        return (
-            f"History({len(self)} measurements, {self._rows['secant']} secant estimates, "
-            f"{self._rows['events']} guard events)"
-        )
+        rows = self._t.rows
+        return f"History({rows['measurements']} measurements, {rows['secant']} secant estimates, {rows['events']} guard events)"
 
     def columns(self, table: str = "measurements") -> list[str]:
         """The column names of ``table`` ("measurements", "secant" or "events")."""
         if table not in _TABLES:
             raise ValueError(f"table must be one of {_TABLES}, got {table!r}")
-        names = list(self._cols[table])
+        names = list(self._t.cols[table])
         if table == "measurements":
-            fixed = [n for n in names if not _is_dynamic(n)]
-            return fixed + sorted((n for n in names if _is_dynamic(n)), key=_dynamic_order)
+            fixed = [n for n in names if not is_dynamic(n)]
+            return fixed + sorted((n for n in names if is_dynamic(n)), key=dynamic_order)
         return names
 
     def column(self, name: str) -> np.ndarray:
@@ -275,20 +214,23 @@ class History:
         Raises:
             KeyError: no column of that name (the message lists the names there are).
         """
-        col = self._cols[_table_of(name)].get(name)
+        t = self._t
+        table = table_of(name)
+        col = t.cols[table].get(name)
         if col is None:
-            known = [n for t in _TABLES for n in self.columns(t)]
+            known = [n for tb in _TABLES for n in self.columns(tb)]
             raise KeyError(f"no column {name!r}; the columns are {known}")
-        if not len(col):
+        n = t.rows[table]
+        if not n:
             return np.zeros(0, dtype=_NP[col.typecode])
-        raw = np.frombuffer(col, dtype=np.int8 if col.typecode == "b" else _NP[col.typecode])
+        raw = np.frombuffer(col, dtype=np.int8 if col.typecode == "b" else _NP[col.typecode], count=n)
         return raw.astype(_NP[col.typecode])  # a copy: the history stays append-only
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.column(name)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and any(name in self._cols[t] for t in _TABLES)
+        return isinstance(name, str) and any(name in self._t.cols[t] for t in _TABLES)
 
     def to_dict(self, table: str = "measurements") -> dict[str, np.ndarray]:
         """``{column: array}`` of one table, all the same length (``pandas.DataFrame(...)``)."""
@@ -298,9 +240,14 @@ class History:
         """The per-step secant estimates: ``{"secant_step", "secant", "secant_ratio"}``."""
         return self.to_dict("secant")
 
+    def _event_reasons(self) -> list[str]:
+        t = self._t
+        return t.reasons[: t.rows["events"]]
+
     def events(self) -> list[GuardEvent]:
         """The guard's actions, oldest first."""
         cols = self.to_dict("events")
+        reasons = self._event_reasons()
         return [
             GuardEvent(
                 step=int(cols["event_step"][i]),
@@ -308,9 +255,9 @@ class History:
                 old_factor=float(cols["event_old_factor"][i]),
                 new_factor=float(cols["event_new_factor"][i]),
                 ratio=float(cols["event_ratio"][i]),
-                reason=self._reasons[i],
+                reason=reasons[i],
             )
-            for i in range(self._rows["events"])
+            for i in range(len(reasons))
         ]
 
     def rows(self) -> Iterator[dict[str, Any]]:
@@ -326,7 +273,7 @@ class History:
         return {name: self.column(name)[-1].item() for name in self.columns()}
 
     def num_groups(self) -> int:
-        return sum(1 for n in self._cols["measurements"] if n.startswith("lr_"))
+        return sum(1 for n in self._t.cols["measurements"] if n.startswith("lr_"))
 
     # -- optimizer description -------------------------------------------------------------------
     def describe(self) -> dict[str, str]:
@@ -334,8 +281,8 @@ class History:
         meta = dict(self.metadata)
         opt = self._optimizer() if self._optimizer is not None else None
         if opt is not None:
-            groups = [{k: _jsonable(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
-            meta["optimizer"] = type(opt).__name__
+            groups = [{k: _history_file.jsonable(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            meta["optimizer"] = _history_file.safe_name(type(opt).__name__)
             meta["hyperparameters"] = json.dumps(groups, sort_keys=True)
         try:
             import torch
@@ -352,8 +299,8 @@ class History:
             meta["torch_version"] = torch_version
         meta["format"] = FORMAT
         meta["schema"] = str(SCHEMA_VERSION)
-        meta["event_reasons"] = json.dumps(self._reasons, ensure_ascii=False)
-        meta["elapsed"] = repr(self.elapsed())
+        meta["event_reasons"] = json.dumps(self._event_reasons(), ensure_ascii=False)
+        meta["elapsed"] = repr(max(self.elapsed(), 0.0))
         return meta
 
     @property
@@ -364,7 +311,7 @@ class History:
         """Per param group hyper-parameters of the optimizer (from the file for a loaded one)."""
         try:
             value = json.loads(self.describe()["hyperparameters"])
-        except ValueError:
+        except (ValueError, RecursionError):
             return []
         return value if isinstance(value, list) else []
 
@@ -372,148 +319,76 @@ class History:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a safetensors file: one contiguous 1-D tensor per column, string metadata.
 
-        The write goes to a temporary file first and is renamed into place, so an interrupted
-        save never leaves a truncated history behind.
-        """
-        from safetensors.numpy import save_file
+        The history is checked first (what saves also loads). The content goes to a temporary
+        file in the same directory, is fsynced and renamed into place, so an interrupted or
+        killed save leaves the old file whole; a symlink is written through, the permissions of
+        the replaced file are kept (``0666 & ~umask`` for a new one).
 
-        tensors = {name: np.ascontiguousarray(self.column(name)) for t in _TABLES for name in self.columns(t)}
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".stableopt-", suffix=".safetensors", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=self.describe())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        Raises:
+            ValueError: the path is a directory, FIFO, device, symlink loop or hard-linked
+                file, or its directory does not exist (nothing written).
+            OSError: the write failed (the old file is intact).
+        """
+        columns = {name: self.column(name) for t in _TABLES for name in self.columns(t)}
+        _history_file.write(path, columns, self.describe())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> History:
-        """Read a file written by :meth:`save`.
+        """Read a file written by :meth:`save`; every byte of it is treated as untrusted.
 
         Raises:
-            ValueError: the file is missing, empty, truncated or not safetensors, is a
-                safetensors file that is not a stableopt history, was written by a newer schema,
-                or has columns of the wrong type or length. The message names the file.
+            ValueError: the file is missing, not a regular file, unreadable, empty, truncated
+                or not safetensors, declares more data than it holds, is not a stableopt
+                history, was written by a newer schema, has unknown or malformed metadata, or
+                columns of the wrong name, type, length or values. The message names the file
+                and the field, on one line.
         """
-        name = os.fspath(path)
-
-        def bad(problem: str) -> ValueError:
-            return ValueError(f"{name}: {problem}")
-
-        if not os.path.exists(name):
-            raise bad("no such file")
-        if os.path.isdir(name):
-            raise bad("is a directory, not a stableopt history file")
-        if os.path.getsize(name) == 0:
-            raise bad("empty file, not a stableopt history (safetensors) file")
-        from safetensors import safe_open
-
-        try:
-            with safe_open(name, framework="np") as f:
-                metadata = dict(f.metadata() or {})
-                if metadata.get("format") != FORMAT:
-                    raise bad(
-                        "a safetensors file but not a stableopt history (its metadata has no "
-                        f"'format: {FORMAT}')"
-                        if f.keys() or metadata else "a safetensors file with nothing in it, not a stableopt history"
-                    )
-                schema = metadata.get("schema", "")
-                if not schema.isdigit():
-                    raise bad(f"stableopt history without a valid schema version ({schema!r})")
-                if int(schema) > SCHEMA_VERSION:
-                    raise bad(
-                        f"written with history schema {schema}, newer than this stableopt reads "
-                        f"(schema {SCHEMA_VERSION}); upgrade stableopt to read it"
-                    )
-                if int(schema) < 1:
-                    raise bad(f"invalid history schema {schema}")
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except ValueError as exc:
-            if str(exc).startswith(name):
-                raise
-            raise bad(f"not a readable safetensors file (truncated or corrupt?): {exc}") from None
-        except Exception as exc:  # safetensors' own errors (SafetensorError), OSError
-            raise bad(f"not a readable safetensors file (truncated or corrupt?): {exc}") from None
-
+        columns, metadata, reasons = _history_file.read(path)
         history = cls()
-        history._fill(tensors, bad)
-        try:
-            reasons = json.loads(metadata.get("event_reasons", "[]"))
-        except ValueError:
-            raise bad("corrupt 'event_reasons' metadata (not JSON)") from None
-        if not isinstance(reasons, list) or len(reasons) != history._rows["events"] or not all(isinstance(r, str) for r in reasons):
-            raise bad("'event_reasons' metadata does not match the event columns")
-        history._reasons = reasons
-        try:
-            history._clock_offset = float(metadata.get("elapsed", "0"))
-        except ValueError:
-            history._clock_offset = 0.0
+        rows = {t: len(columns[next(iter(TABLES[t]))]) for t in _TABLES}
+        history._t = Tables.of(columns, rows, reasons)
+        history._clock_offset = _history_file.elapsed_of(metadata, columns)
         history._clock = None  # a file's clock stands still
-        history.metadata = {k: v for k, v in metadata.items() if k not in ("event_reasons",)}
+        history.metadata = metadata
         return history
-
-    def _fill(self, tensors: Mapping[str, Any], bad: Any) -> None:
-        """Replace the columns with ``tensors`` after checking names, types and lengths."""
-        self.reset()
-        lengths: dict[str, int] = {}
-        fixed = {**MEASUREMENT_COLUMNS, **SECANT_COLUMNS, **EVENT_COLUMNS}
-        for name, value in tensors.items():
-            arr = np.asarray(value)
-            table = _table_of(name)
-            expected = fixed.get(name, "d" if table == "measurements" and _is_dynamic(name) else None)
-            if expected is None:
-                raise bad(f"unknown column {name!r}")
-            if arr.ndim != 1:
-                raise bad(f"column {name!r} has shape {tuple(arr.shape)}, expected a 1-D tensor")
-            if _TYPECODE.get(arr.dtype) != expected:
-                raise bad(f"column {name!r} has dtype {arr.dtype}, expected {np.dtype(_NP[expected])}")
-            if lengths.setdefault(table, len(arr)) != len(arr):
-                raise bad(f"column {name!r} has {len(arr)} rows, the other {table} columns {lengths[table]}")
-            col = array(expected)
-            col.frombytes(np.ascontiguousarray(arr.astype(np.int8) if expected == "b" else arr).tobytes())
-            self._cols[table][name] = col
-        for table, cols in (("measurements", MEASUREMENT_COLUMNS), ("secant", SECANT_COLUMNS), ("events", EVENT_COLUMNS)):
-            missing = [n for n in cols if n not in tensors]
-            if missing:
-                raise bad(f"stableopt history without the column(s) {missing}")
-            self._rows[table] = lengths.get(table, 0)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Columns as tensors plus reasons and the clock; loads with ``torch.load(weights_only=True)``."""
+        """Columns as tensors plus the event reasons: a pure function of the recorded rows
+        (no clock), loadable with ``torch.load(weights_only=True)``."""
         import torch
 
         return {
             "schema": SCHEMA_VERSION,
             "columns": {name: torch.from_numpy(self.column(name)) for t in _TABLES for name in self.columns(t)},
-            "event_reasons": list(self._reasons),
-            "elapsed": self.elapsed(),
+            "event_reasons": list(self._event_reasons()),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue the history of a checkpoint (``None`` or ``{}``: start empty)."""
-        if not state:
-            self.reset()
-            return
-        schema = int(state.get("schema", 0))
-        if schema > SCHEMA_VERSION:
-            raise ValueError(
-                f"the checkpoint's history has schema {schema}, newer than this stableopt reads "
-                f"({SCHEMA_VERSION}); upgrade stableopt"
-            )
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Continue the history of a checkpoint (``None`` or ``{}``: start empty).
+
+        The clock continues from the last recorded ``elapsed``. Everything is checked before the
+        history changes.
+
+        Raises:
+            ValueError: the entry is not what :meth:`state_dict` writes (the message says what).
+        """
+        self.prepare_load(state)()
+
+    def prepare_load(self, state: Mapping[str, Any] | None) -> Callable[[], None]:
+        """Check a :meth:`state_dict` entry; returns the commit that loads it (cannot fail)."""
 
         def bad(problem: str) -> ValueError:
             return ValueError(f"optimizer state dict history: {problem}")
 
-        tensors = {name: t.detach().cpu().numpy() for name, t in state["columns"].items()}
-        self._fill(tensors, bad)
-        reasons = [str(r) for r in state.get("event_reasons", [])]
-        if len(reasons) != self._rows["events"]:
-            raise bad("event reasons do not match the event columns")
-        self._reasons = reasons
-        self._clock_offset = float(state.get("elapsed", 0.0))
-        self._clock = time.perf_counter()
+        if state is None or (isinstance(state, Mapping) and not state):
+            return self.reset
+        tables = tables_from_state(state, bad)
+        elapsed = tables.cols["measurements"]["elapsed"]
+        offset = float(elapsed[tables.rows["measurements"] - 1]) if tables.rows["measurements"] else 0.0
+
+        def commit() -> None:
+            self._t = tables
+            self._clock_offset, self._clock = offset, time.perf_counter()
+
+        return commit

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from ._state import grad_disabled
 from .backends import check_backend
 
 __all__ = ["Monitor", "MonitorSet", "SecantTracker", "plain_line", "zone"]
@@ -86,7 +87,7 @@ class SecantTracker:
         if any(p.grad is None or p.grad.is_sparse for p in params):
             self._theta = self._grad = None
             return
-        with torch.no_grad():
+        with grad_disabled():  # grad mode comes back even if interrupted
             theta = [p.detach() for p in params]
             grads = [p.grad.detach() for p in params]  # type: ignore[union-attr]
             step = optimizer.steps_taken
@@ -206,12 +207,8 @@ class Monitor:
         self.log = log
         self.last: Any = None
         self.fired: list[int] = []
-        opt = owner.optimizer
-        self._hooks = [opt.register_step_post_hook(self._after_step)]
-        if secant:
-            owner._secant_users += 1
-            if owner._secant_hook is None:  # one tracker however many monitors ask for it
-                owner._secant_hook = opt.register_step_pre_hook(SecantTracker(opt))
+        self._attached = True
+        owner._attach(self)
 
     @property
     def active(self) -> bool:
@@ -219,11 +216,6 @@ class Monitor:
 
     def schedule(self) -> dict[str, Any]:
         return {"id": self.id, "every": self.every, "raw": self.raw, "k": self.k, "tol": self.tol, "secant": self.secant, "live": self.live}
-
-    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if optimizer._stableopt_step % self.every:
-            return
-        self.measure()
 
     def measure(self) -> Any:
         """Measure now (what the schedule does after every ``every``-th step)."""
@@ -251,12 +243,11 @@ class Monitor:
         return report
 
     def remove(self) -> None:
-        """Stop measuring (idempotent)."""
-        if not self._hooks:
+        """Stop measuring (idempotent; also from inside a measurement: its ``loss_fn`` or a
+        measurement hook)."""
+        if not self._attached:
             return
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self._attached = False
         self._owner._removed(self)
 
     def __enter__(self) -> Monitor:
@@ -291,6 +282,8 @@ class MonitorSet:
         self.console: Any = None
         self._secant_users = 0
         self._secant_hook: Any = None
+        self._step_hook: Any = None  # one torch step post hook runs every monitor
+        self._dispatching = False  # True while monitors measure inside step()
 
     @property
     def view(self) -> _LiveView:
@@ -333,15 +326,49 @@ class MonitorSet:
         self._next_id = max(self._next_id, monitor_id + 1)
         return monitor
 
+    def _attach(self, monitor: Monitor) -> None:
+        opt = self.optimizer
+        if self._step_hook is None:
+            self._step_hook = opt.register_step_post_hook(self._after_step)
+        if monitor.secant:
+            self._secant_users += 1
+            if self._secant_hook is None:  # one tracker however many monitors ask for it
+                self._secant_hook = opt.register_step_pre_hook(SecantTracker(opt))
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Run the monitors due at this step. Iterates over a copy, so that a monitor removed
+        (or added) by a measurement's ``loss_fn`` or hook changes nothing mid-loop."""
+        if self._dispatching:
+            raise RuntimeError(
+                "optimizer.step() was called inside a monitor's measurement (from its loss_fn or a "
+                "measurement hook); a measurement must not train. Step in the training loop only"
+            )
+        step = optimizer._stableopt_step
+        self._dispatching = True
+        try:
+            for monitor in list(self.monitors.values()):
+                if monitor.active and step % monitor.every == 0:
+                    monitor.measure()
+        finally:
+            self._dispatching = False
+
     def _removed(self, monitor: Monitor) -> None:
         self.monitors.pop(monitor.id, None)
         if monitor.secant:
             self._secant_users -= 1
             if self._secant_users == 0 and self._secant_hook is not None:
-                self._secant_hook.remove()
+                self._secant_hook.remove()  # a pre hook: torch is not iterating those now
                 self._secant_hook = None
+        # torch iterates the post hooks while monitors measure: removing ours from inside would
+        # break that loop, so a dormant hook stays until a monitor is added or removed outside
+        self._prune()
         if self._view is not None and not any(m.live for m in self.monitors.values()):
             self._view.stop()
+
+    def _prune(self) -> None:
+        if not self.monitors and not self._dispatching and self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
 
     # -- the optimizer's state dict ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -349,11 +376,21 @@ class MonitorSet:
         return {"schedules": schedules, "next_id": self._next_id}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self.prepare_load(state)()
+
+    def prepare_load(self, state: dict[str, Any] | None) -> Callable[[], None]:
+        """Check saved schedules (``ValueError`` naming the field); returns the commit."""
         if not state:
-            self.reset()
-            return
-        self.restored = [dict(s) for s in state.get("schedules", []) if s.get("id") not in self.monitors]
-        self._next_id = max(self._next_id, int(state.get("next_id", 0)))
+            return self.reset
+        from ._checkpoint import check_monitor_state
+
+        schedules, next_id = check_monitor_state(state)
+
+        def commit() -> None:
+            self.restored = [s for s in schedules if s["id"] not in self.monitors]
+            self._next_id = max(self._next_id, next_id)
+
+        return commit
 
     def reset(self) -> None:
         self.restored = []

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from . import _checkpoint
 from . import rules as _rules
 from .backends import BackendChoice, check_backend
 from .guard import LRGuard
@@ -218,40 +219,31 @@ class StabilityMixin:
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict plus a ``"stableopt"`` entry (step count, warm-start vectors and
-        the components: history, monitors, guard). torch's ``load_state_dict`` ignores the
-        extra entry, so the dict still loads into the torch class."""
+        the components: history, monitors, guard) of tensors and plain values only, a pure
+        function of the training state. torch's ``load_state_dict`` ignores the extra entry, so
+        the dict still loads into the torch class."""
         sd = super().state_dict()  # type: ignore[misc]
-        sd["stableopt"] = {
-            "step": self._stableopt_step,
-            "measurements": self._stableopt_measurements,
-            "warm": {k: v.clone() for k, v in self._stableopt_warm.items()},
-            "components": {k: c.state_dict() for k, c in self._stableopt_components.items()},
-        }
+        sd["stableopt"] = _checkpoint.state_entry(self)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a stableopt or a plain torch state dict (then the step count comes from
-        torch's per-parameter ``step`` where there is one, and there is no warm start)."""
-        super().load_state_dict(state_dict)  # type: ignore[misc]
-        extra = state_dict.get("stableopt") or {}
-        self._stableopt_step = int(extra["step"]) if "step" in extra else self._step_from_state()
-        self._stableopt_measurements = int(extra.get("measurements", self._stableopt_measurements))
-        self._stableopt_warm = {k: v.clone() for k, v in extra.get("warm", {}).items()}
-        # the lr scale belongs to the guard, which restores it from its own state below; without
-        # a guard the run trains at the scheduler's lr rather than keep a cut nothing would relax
-        self._stableopt_lr_scale = None
-        saved = extra.get("components", {})
-        for name, component in self._stableopt_components.items():
-            if name in saved:
-                component.load_state_dict(saved[name])
-            elif hasattr(component, "reset"):  # a torch dict, or saved before it existed:
-                component.reset()  # start empty rather than keep stale rows
+        torch's per-parameter ``step`` where there is one, and there is no warm start).
+
+        All or nothing: the ``"stableopt"`` entry is checked whole before anything changes.
+
+        Raises:
+            ValueError: a tampered or malformed ``"stableopt"`` entry (the message names the
+                field), or torch's own checks.
+        """
+        _checkpoint.load(self, state_dict, super().load_state_dict)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickle / copy.deepcopy keep what the state dict keeps, and the guard (_checkpoint)
+        return _checkpoint.getstate(self, super().__getstate__())  # type: ignore[misc]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # type: ignore[misc]
-        if "_stableopt_step" not in self.__dict__:  # unpickled: torch pickles only its own state
-            self._stableopt_init()
-            self._stableopt_step = self._step_from_state()
+        _checkpoint.setstate(self, state, super().__setstate__)  # type: ignore[misc]
 
     def _step_from_state(self) -> int:
         steps = [_float(s["step"]) for s in self.state.values() if "step" in s]

@@ -14,6 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from ._atomic import atomic_write
+from ._text import literal
+
 __all__ = ["plot_history"]
 
 
@@ -35,11 +38,22 @@ def plot_history(history: Any, path: str | os.PathLike[str], *, title: str | Non
 
     Returns the matplotlib ``Figure``.
 
+    The image is written atomically (a temporary file in the same directory, renamed into
+    place: see :mod:`stableopt._atomic`). The optimizer name in the default title is shown
+    literally; an explicit ``title`` is matplotlib text (``$...$`` is mathtext).
+
     Raises:
         ImportError: matplotlib is not installed (the message says how to install it).
-        ValueError: the history has no measurements.
+        ValueError: the history has no measurements, the suffix names no image format
+            matplotlib writes, or the path is a directory, FIFO, device or missing directory.
     """
+    with np.errstate(all="ignore"):  # values near ±1e308 overflow matplotlib's autoscaling sums
+        return _plot(history, os.fspath(path), title, dpi)
+
+
+def _plot(history: Any, path: str, title: str | None, dpi: int) -> Any:
     Figure, FigureCanvasAgg = _matplotlib()
+    suffix = os.path.splitext(path)[1][1:].lower()
     cols = history.to_dict()
     steps = cols["step"]
     if not len(steps):
@@ -47,7 +61,15 @@ def plot_history(history: Any, path: str | os.PathLike[str], *, title: str | Non
     has_raw = bool(np.isfinite(cols["raw"]).any())
     panels = 3 if has_raw else 2
     fig = Figure(figsize=(7.0, 2.1 * panels + 0.5), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
+    canvas = FigureCanvasAgg(fig)
+    import matplotlib
+
+    fmt = suffix or str(matplotlib.rcParams["savefig.format"])
+    if fmt not in canvas.get_supported_filetypes():
+        raise ValueError(
+            f"{literal(path)}: matplotlib cannot write .{literal(fmt, 20)} images; use one of "
+            f"{sorted(canvas.get_supported_filetypes())}"
+        )
     axes = fig.subplots(panels, 1, sharex=True)
 
     def finite(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -89,8 +111,17 @@ def plot_history(history: Any, path: str | os.PathLike[str], *, title: str | Non
         a.spines[["top", "right"]].set_visible(False)
     if title is None:
         name = history.optimizer_name
-        title = f"{name}: the (adaptive) edge of stability" if name != "unknown" else None
+        title = f"{_plain(name)}: the (adaptive) edge of stability" if name != "unknown" else None
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.savefig(os.fspath(path))
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt))
     return fig
+
+
+def _plain(name: str) -> str:
+    r"""``name`` as literal matplotlib text: control characters visible, ``$`` not mathtext.
+
+    >>> _plain("a$b\x1b")
+    'a\\$b\\x1b'
+    """
+    return literal(name, 100).replace("$", r"\$")

@@ -17,6 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ._text import literal, text
 from .monitor import ABOVE, BELOW, zone
 
 __all__ = ["print_report", "render_report", "render_saved", "sparkline", "terminal_chart", "trend"]
@@ -41,6 +42,13 @@ def _resample(values: np.ndarray, width: int) -> np.ndarray:
     return np.array([values[e - 1] for e in edges[1:]])
 
 
+def _fraction(v: float, lo: float, hi: float) -> float:
+    """Where ``v`` lies in [lo, hi] as a number in [0, 1], without overflow for any finite
+    doubles (halves first: ``hi - lo`` overflows for ±1e308)."""
+    frac = (min(max(v, lo), hi) / 2 - lo / 2) / (hi / 2 - lo / 2)
+    return frac if math.isfinite(frac) else 0.0
+
+
 def sparkline(values: Sequence[float], *, width: int = 48, top: float | None = None, zones: bool = False) -> Text:
     """A one-line block chart of ``values`` (scaled 0 … ``top``, default the max), NaN as space.
 
@@ -61,7 +69,7 @@ def sparkline(values: Sequence[float], *, width: int = 48, top: float | None = N
         if not math.isfinite(v):
             text.append(" ")
             continue
-        level = int(round((min(max(v, lo), hi) - lo) / (hi - lo) * (len(_BLOCKS) - 1)))
+        level = int(round(_fraction(v, lo, hi) * (len(_BLOCKS) - 1)))
         text.append(_BLOCKS[level], style=ZONE_STYLE[zone(v)] if zones else "cyan")
     return text
 
@@ -94,20 +102,33 @@ def _group_count(history: Any) -> int:
     return count
 
 
-def render_report(history: Any, *, title: str | None = None, spark_width: int = 32) -> Panel:
+def _title(history: Any, title: str | Text | None) -> Text:
+    """The panel title, shown literally (a ``Text`` is used as given)."""
+    if isinstance(title, Text):
+        return title
+    if title is None:
+        name = history.optimizer_name
+        title = f"stableopt · {name}" if name != "unknown" else "stableopt"
+    return text(title, "bold", limit=120)
+
+
+def render_report(history: Any, *, title: str | Text | None = None, spark_width: int = 32) -> Panel:
     """The report panel of ``history``: per group lr and threshold, the latest λ_max(P⁻¹H) and
     ratio (coloured by zone), a sparkline of the ratio, raw sharpness and its trend, the
-    secant estimate, guard events and the cost of measuring."""
-    name = history.optimizer_name
-    if title is None:
-        title = f"stableopt · {name}" if name != "unknown" else "stableopt"
+    secant estimate, guard events and the cost of measuring.
+
+    Every string that comes from the history (optimizer name, event reasons) or from
+    ``title`` is shown literally: rich markup is not interpreted and control characters
+    appear escaped (``\\x1b``); pass a rich ``Text`` as ``title`` for a styled one.
+    """
+    title = _title(history, title)
     n = len(history)
     if n == 0:
         body: RenderableType = Text(
             "No measurements yet: call opt.sharpness(loss_fn) or opt.monitor(loss_fn, every=N).",
             style="dim",
         )
-        return Panel(body, title=f"[bold]{title}[/]", title_align="left", border_style="dim")
+        return Panel(body, title=title, title_align="left", border_style="dim")
     cols = history.to_dict()
     steps = cols["step"]
     last = {key: values[-1] for key, values in cols.items()}
@@ -143,7 +164,7 @@ def render_report(history: Any, *, title: str | None = None, spark_width: int = 
     finite_ratio = ratios[np.isfinite(ratios)]
     top = max(1.25, float(finite_ratio.max()) if len(finite_ratio) else 1.25)
     spark = sparkline(ratios, width=spark_width, top=top, zones=True)
-    spark.append(f"  0–{top:.2f}, steps {int(steps[0])}–{int(steps[-1])}", style="dim")
+    spark.append(f"  0–{_num(top, 3)}, steps {int(steps[0])}–{int(steps[-1])}", style="dim")
     grid.add_row("ratio history", spark)
     if "eig_1" in cols:
         eigs = [float(last[f"eig_{i}"]) for i in range(sum(1 for c in cols if c.startswith("eig_")))]
@@ -187,7 +208,7 @@ def render_report(history: Any, *, title: str | None = None, spark_width: int = 
                 style="yellow",
             )
             if ev.reason:
-                lines.append(f" ({ev.reason})", style="dim")
+                lines.append(f" ({literal(ev.reason)})", style="dim")
         if len(events) > 3:
             lines.append(f"\n({len(events)} in all, the latest 3 shown)", style="dim")
         grid.add_row("guard events", lines)
@@ -201,7 +222,7 @@ def render_report(history: Any, *, title: str | None = None, spark_width: int = 
     )
     return Panel(
         Group(groups, Text(""), grid, Text(""), legend),
-        title=f"[bold]{title}[/]",
+        title=title,
         title_align="left",
         subtitle=f"[{style}]{ZONE_WORDS[z]}[/]",
         subtitle_align="right",
@@ -259,7 +280,7 @@ def _chart(title: str, xs: np.ndarray, ys: np.ndarray, *, width: int, height: in
     inside = (grid_x >= xs[0] - 1e-9) & (grid_x <= xs[-1] + 1e-9)
 
     def row_of(v: float) -> int:
-        return int(round((hi - v) / (hi - lo) * (height - 1)))
+        return int(round((1.0 - _fraction(v, lo, hi)) * (height - 1)))
 
     rows = [row_of(v) if ins else -1 for v, ins in zip(values, inside)]
     cells = _line_cells(rows, height)
@@ -302,11 +323,16 @@ def terminal_chart(history: Any, *, width: int = 64, height: int = 10) -> Render
 
 
 def render_saved(history: Any, name: str) -> Group:
-    """What ``stableopt report FILE`` prints: a line about the file, the panel, the charts."""
+    """What ``stableopt report FILE`` prints: a line about the file, the panel, the charts
+    (the file name and every metadata string shown literally)."""
     meta = history.metadata
+    optimizer = meta.get("optimizer", "?")
     header = Text.assemble(
-        (name, "bold"),
-        f": {len(history)} measurements of {meta.get('optimizer', 'an optimizer')}\n",
-        (f"written by stableopt {meta.get('stableopt_version', '?')} with torch {meta.get('torch_version', '?')}", "dim"),
+        text(name, "bold", limit=300),
+        f": {len(history)} measurements of ",
+        text(meta.get("optimizer", "an optimizer")),
+        "\n",
+        text(f"written by stableopt {meta.get('stableopt_version', '?')} with torch {meta.get('torch_version', '?')}", "dim"),
     )
-    return Group(header, render_report(history, title=f"stableopt · {meta.get('optimizer', '?')}"), terminal_chart(history))
+    title = Text.assemble(("stableopt · ", "bold"), text(optimizer, "bold", limit=100))
+    return Group(header, render_report(history, title=title), terminal_chart(history))

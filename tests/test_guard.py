@@ -191,8 +191,15 @@ def test_several_groups_are_all_scaled_with_one_event_each():
     assert opt.guard.factors == pytest.approx([0.36, 0.36], rel=1e-3)
     assert [e.group for e in opt.guard.events] == [0, 1]
     assert opt.sharpness(loss_fn).ratio == pytest.approx(0.9, rel=1e-3)
-    opt.add_param_group({"params": [nn.Parameter(torch.ones(1, dtype=torch.float64))], "lr": 0.5})
-    assert opt.guard.factors == pytest.approx([0.36, 0.36, 1.0], rel=1e-3)
+    c = nn.Parameter(torch.ones(1, dtype=torch.float64))
+    opt.add_param_group({"params": [c], "lr": 0.5})
+    # a group added after the cut gets the cut too: it behaves as if it had been there from the start
+    assert opt.guard.factors == pytest.approx([0.36, 0.36, 0.36], rel=1e-3)
+    opt.zero_grad()
+    (3.0 * c).sum().backward()  # grad 3: SGD moves c by lr · factor · 3
+    opt.step()
+    assert c.item() == pytest.approx(1.0 - 0.5 * 0.36 * 3.0, rel=1e-3)
+    assert opt.effective_lr()[2] == pytest.approx(0.5 * 0.36, rel=1e-3)
 
 
 # -- Adam's bias-correction transient --------------------------------------------------------------

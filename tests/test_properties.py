@@ -81,6 +81,10 @@ def test_optimizer_sharpness_matches_with_adam_preconditioner(problem):
 # -- history ---------------------------------------------------------------------------------
 
 finite_or_not = st.floats(allow_nan=True, allow_infinity=True, width=64)
+# the columns a history checks (stableopt._columns.RULES): wall times, guard factors and ratios
+times = st.floats(min_value=0.0, allow_infinity=False, width=64)
+factors = st.floats(min_value=0.0, exclude_min=True, allow_infinity=False, width=64)
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
 
 
 @st.composite
@@ -94,14 +98,13 @@ def trace(draw):
             step=step, preconditioned=draw(finite_or_not), threshold=draw(finite_or_not),
             ratio=draw(finite_or_not), raw=draw(st.none() | finite_or_not),
             eigenvalues=tuple(draw(finite_or_not) for _ in range(k)), hvps=draw(st.integers(0, 10**6)),
-            residual=draw(finite_or_not), converged=draw(st.booleans()), seconds=draw(finite_or_not),
+            residual=draw(finite_or_not), converged=draw(st.booleans()), seconds=draw(times),
             thresholds=tuple(draw(finite_or_not) for _ in range(groups)), loss=draw(finite_or_not),
         ))
     events = draw(st.lists(st.tuples(
-        st.integers(0, 10**9), st.integers(0, groups - 1), finite_or_not, finite_or_not, finite_or_not,
-        st.text(max_size=40),
+        st.integers(0, 10**9), st.integers(0, groups - 1), factors, factors, finite, st.text(max_size=40),
     ), max_size=5))
-    return reports, events
+    return reports, sorted(events, key=lambda e: e[0])  # guard events come in step order
 
 
 def _history_from(reports, events):

@@ -1,0 +1,255 @@
+"""The columns of a history: names, types and value rules, checked the same way on every append,
+on ``save()`` and on every load (file or checkpoint) so that what saves also loads, and the
+storage (:class:`Tables`) that appends and loads all-or-nothing.
+
+A name is a fixed column of one of three tables or a per-group / per-eigenvalue measurement
+column ``lr_<g>``, ``threshold_<g>``, ``eig_<i>`` (ASCII digits, no leading zero, numbered from 0
+without gaps). Values follow :data:`RULES`: steps are non-negative and never decrease, counts
+are bounded so that no sum of them overflows int64, times and guard factors are finite.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from array import array
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from ._text import quoted
+
+__all__ = [
+    "DYNAMIC_PREFIXES", "EVENT_COLUMNS", "MAX_REASON_CHARS", "MEASUREMENT_COLUMNS", "SCHEMA_VERSION",
+    "SECANT_COLUMNS", "TABLES", "Tables", "check_columns", "check_layout", "check_row", "column_type",
+    "dynamic_order", "table_of", "tables_from_state", "typed",
+]
+
+#: Version of the column layout; files with a larger number are refused, not misread.
+SCHEMA_VERSION = 1
+#: Guard reasons longer than this are cut, so that every record has a bounded size.
+MAX_REASON_CHARS = 200
+
+#: the measurement columns every row has, in order, with their types (array typecodes)
+MEASUREMENT_COLUMNS: dict[str, str] = {
+    "step": "q", "loss": "d", "preconditioned": "d", "raw": "d", "threshold": "d", "ratio": "d",
+    "residual": "d", "hvps": "q", "seconds": "d", "converged": "b", "monitor": "q", "elapsed": "d",
+}
+#: prefixes of the per-group / per-eigenvalue measurement columns (all float64)
+DYNAMIC_PREFIXES = ("lr_", "threshold_", "eig_")
+SECANT_COLUMNS: dict[str, str] = {"secant_step": "q", "secant": "d", "secant_ratio": "d"}
+EVENT_COLUMNS: dict[str, str] = {
+    "event_step": "q", "event_group": "q", "event_old_factor": "d", "event_new_factor": "d", "event_ratio": "d",
+}
+TABLES = {"measurements": MEASUREMENT_COLUMNS, "secant": SECANT_COLUMNS, "events": EVENT_COLUMNS}
+_FIXED = {**MEASUREMENT_COLUMNS, **SECANT_COLUMNS, **EVENT_COLUMNS}
+_DYNAMIC = re.compile(r"(lr|threshold|eig)_(0|[1-9][0-9]{0,4})\Z")
+_NUMPY = {"q": "int64", "d": "float64", "b": "bool"}
+_NP = {"q": np.int64, "d": np.float64, "b": np.bool_}
+_TORCH_DTYPES = {"torch.int64": "int64", "torch.float64": "float64", "torch.bool": "bool"}
+
+# (lowest value, highest value, never decreases, must be finite); None: no bound. Counts are
+# far below 2**63 / 2**32, so a column of up to 2**32 rows sums without overflow.
+_COUNT = 2**31
+RULES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "step": (0, None, True, True),
+    "secant_step": (0, None, True, True),
+    "event_step": (0, None, True, True),
+    "hvps": (0, _COUNT - 1, False, True),
+    "monitor": (-1, _COUNT - 1, False, True),
+    "event_group": (0, 2**20, False, True),
+    "seconds": (0.0, None, False, True),
+    "elapsed": (0.0, None, False, True),
+    "event_old_factor": (0.0, None, False, True),
+    "event_new_factor": (0.0, None, False, True),
+    "event_ratio": (None, None, False, True),
+}
+
+
+def dynamic_order(name: str) -> tuple[int, int, str]:
+    """Sort key: fixed columns first, then lr_*, threshold_*, eig_* by number."""
+    match = _DYNAMIC.match(name)
+    if match is None:
+        return (len(DYNAMIC_PREFIXES), 0, name)
+    return (DYNAMIC_PREFIXES.index(match.group(1) + "_"), int(match.group(2)), name)
+
+
+def is_dynamic(name: str) -> bool:
+    return _DYNAMIC.match(name) is not None
+
+
+def table_of(name: str) -> str:
+    if name in SECANT_COLUMNS:
+        return "secant"
+    if name in EVENT_COLUMNS:
+        return "events"
+    return "measurements"
+
+
+def column_type(name: str) -> str | None:
+    """The array typecode of a valid column name, None for any other name.
+
+    >>> column_type("eig_2"), column_type("lr_²"), column_type("eig_01")
+    ('d', None, None)
+    """
+    if name in _FIXED:
+        return _FIXED[name]
+    return "d" if is_dynamic(name) else None
+
+
+def _rule(name: str) -> tuple[float | None, float | None, bool, bool] | None:
+    if name.startswith("lr_"):
+        return (0.0, None, False, False)  # NaN: the group did not exist yet (backfilled)
+    return RULES.get(name)
+
+
+def check_row(name: str, value: float, previous: float | None) -> str | None:
+    """The problem with appending ``value`` after ``previous`` to column ``name`` (None: fine)."""
+    rule = _rule(name)
+    if rule is None:
+        return None
+    low, high, monotone, finite = rule
+    if math.isnan(value):
+        return None if not finite else f"{name} must be a finite number, got {value!r}"
+    if finite and not math.isfinite(value):
+        return f"{name} must be a finite number, got {value!r}"
+    if (low is not None and value < low) or (high is not None and value > high):
+        return f"{name} must lie in [{low}, {'∞' if high is None else high}], got {value!r}"
+    if monotone and previous is not None and value < previous:
+        return f"{name} went back from {previous!r} to {value!r} (steps never decrease)"
+    return None
+
+
+def check_columns(columns: Mapping[str, np.ndarray], bad: Callable[[str], Exception]) -> None:
+    """Raise ``bad(problem)`` for the first column whose values break :data:`RULES`."""
+    for name, values in columns.items():
+        rule = _rule(name)
+        if rule is None or not len(values):
+            continue
+        low, high, monotone, finite = rule
+        v = values.astype(np.float64) if values.dtype.kind == "f" else values
+        present = ~np.isnan(v) if v.dtype.kind == "f" else np.ones(len(v), bool)
+        if finite and v.dtype.kind == "f" and not np.isfinite(v).all():
+            raise bad(f"column {quoted(name)} holds NaN or infinite values, expected finite numbers")
+        w = v[present]
+        if len(w) and ((low is not None and w.min() < low) or (high is not None and w.max() > high)):
+            raise bad(f"column {quoted(name)} holds values outside [{low}, {'∞' if high is None else high}]")
+        if monotone and len(w) > 1 and bool((w[1:] < w[:-1]).any()):
+            i = int(np.argmax(w[1:] < w[:-1]))
+            raise bad(f"column {quoted(name)} is not in order: {int(w[i])} is followed by {int(w[i + 1])}")
+
+
+def check_layout(layout: Mapping[str, tuple[str, tuple[int, ...]]], bad: Callable[[str], Exception]) -> dict[str, int]:
+    """Check names, numpy dtype names and shapes of a history's columns before reading them.
+
+    ``layout`` maps each column name to ``(dtype name, shape)``. Returns the row count of each
+    table. Raises ``bad(problem)`` for an unknown name, a wrong dtype, a shape that is not 1-D,
+    tables whose columns differ in length, a missing fixed column or a gap in the numbered ones.
+    """
+    rows: dict[str, int] = {}
+    numbered: dict[str, list[int]] = {p: [] for p in DYNAMIC_PREFIXES}
+    for name, (dtype, shape) in layout.items():
+        expected = column_type(name)
+        if expected is None:
+            raise bad(f"unknown column {quoted(name)}")
+        if len(shape) != 1:
+            raise bad(f"column {quoted(name)} has shape {tuple(shape)}, expected a 1-D tensor")
+        if dtype != _NUMPY[expected]:
+            raise bad(f"column {quoted(name)} has dtype {dtype}, expected {_NUMPY[expected]}")
+        table = table_of(name)
+        if rows.setdefault(table, shape[0]) != shape[0]:
+            raise bad(f"column {quoted(name)} has {shape[0]} rows, the other {table} columns {rows[table]}")
+        order = dynamic_order(name)
+        if order[0] < len(DYNAMIC_PREFIXES):
+            numbered[DYNAMIC_PREFIXES[order[0]]].append(order[1])
+    for table, fixed in TABLES.items():
+        missing = [n for n in fixed if n not in layout]
+        if missing:
+            raise bad(f"stableopt history without the column(s) {missing}")
+    for prefix, indices in numbered.items():
+        for expected_index, index in enumerate(sorted(indices)):
+            if index != expected_index:
+                raise bad(f"column {prefix}{index} without {prefix}{expected_index}")
+    return {table: rows.get(table, 0) for table in TABLES}
+
+
+def typed(typecode: str, value: Any) -> Any:
+    if typecode == "d":
+        return float(value)
+    if typecode == "b":
+        return 1 if value else 0
+    return int(value)
+
+
+class Tables:
+    """All rows of a history, replaced as one object: a load is all-or-nothing."""
+
+    __slots__ = ("cols", "rows", "reasons")
+
+    def __init__(self, cols: dict[str, dict[str, array]], rows: dict[str, int], reasons: list[str]) -> None:
+        self.cols = cols
+        # the committed row count of each table: an append interrupted before it updated this
+        # number left at most one extra value in some columns, which the next append drops
+        self.rows = rows
+        self.reasons = reasons
+
+    @classmethod
+    def empty(cls) -> Tables:
+        cols = {table: {name: array(tc) for name, tc in fixed.items()} for table, fixed in TABLES.items()}
+        return cls(cols, {table: 0 for table in TABLES}, [])
+
+    @classmethod
+    def of(cls, columns: Mapping[str, np.ndarray], rows: Mapping[str, int], reasons: list[str]) -> Tables:
+        """Tables holding already checked ``columns`` (see :mod:`stableopt._columns`)."""
+        tables = cls.empty()
+        for name, values in columns.items():
+            tc = "d" if is_dynamic(name) else TABLES[table_of(name)][name]
+            col = array(tc)
+            col.frombytes(np.ascontiguousarray(values, dtype=np.int8 if tc == "b" else _NP[tc]).tobytes())
+            tables.cols[table_of(name)][name] = col
+        tables.rows = dict(rows)
+        tables.reasons = list(reasons)
+        return tables
+
+
+def tables_from_state(state: Any, bad: Callable[[str], ValueError]) -> Tables:
+    """The tables of a history state dict, after checking every key, tensor and value."""
+    import torch
+
+    if not isinstance(state, Mapping):
+        raise bad(f"expected a dict, got {type(state).__name__}")
+    unknown = sorted(str(k) for k in state if k not in ("schema", "columns", "event_reasons", "elapsed"))
+    if unknown:
+        raise bad(f"unknown entries {unknown[:5]}")
+    schema = state.get("schema")
+    if isinstance(schema, bool) or not isinstance(schema, int):
+        raise bad(f"schema must be an int, got {type(schema).__name__}")
+    if schema > SCHEMA_VERSION:
+        raise bad(f"the checkpoint's history has schema {schema}, newer than this stableopt reads ({SCHEMA_VERSION}); upgrade stableopt")
+    if schema < 1:
+        raise bad(f"invalid schema {schema}")
+    columns = state.get("columns")
+    if not isinstance(columns, Mapping):
+        raise bad(f"columns must be a dict of tensors, got {type(columns).__name__}")
+    layout = {}
+    for name, value in columns.items():
+        if not isinstance(name, str):
+            raise bad(f"column names must be strings, got {type(name).__name__}")
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.device.type == "meta":
+            raise bad(f"column {name[:60]!r} must be a dense tensor with data, got {type(value).__name__}"
+                      f"{'' if not isinstance(value, torch.Tensor) else f' ({value.layout}, {value.device})'}")
+        layout[name] = (_TORCH_DTYPES.get(str(value.dtype), str(value.dtype).replace("torch.", "")), tuple(value.shape))
+    rows = check_layout(layout, bad)
+    arrays = {name: t.detach().cpu().numpy() for name, t in columns.items()}
+    check_columns(arrays, bad)
+    reasons = state.get("event_reasons", [])
+    if not isinstance(reasons, (list, tuple)) or not all(isinstance(r, str) for r in reasons):
+        raise bad("event_reasons must be a list of strings")
+    if len(reasons) != rows["events"]:
+        raise bad(f"{len(reasons)} event reasons for {rows['events']} event rows")
+    if any(len(r) > MAX_REASON_CHARS for r in reasons):
+        raise bad(f"an event reason is over {MAX_REASON_CHARS} characters")
+    legacy = state.get("elapsed", 0.0)  # the clock earlier versions saved; no longer used
+    if isinstance(legacy, bool) or not isinstance(legacy, (int, float)) or not math.isfinite(legacy):
+        raise bad(f"elapsed must be a finite number, got {legacy!r}")
+    return Tables.of(arrays, rows, list(reasons))

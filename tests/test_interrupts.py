@@ -1,0 +1,241 @@
+"""Interrupts at random moments: a ``KeyboardInterrupt`` injected at a random moment of the code
+that sets up and restores a measurement (alone, or while that code handles a first exception
+from ``loss_fn``), of a history append or load, and of the secant tracker inside ``step()``,
+never leaves anything behind: no global hook, grad mode and autocast as they were,
+half-precision parameters and BatchNorm buffers bitwise restored, RNG streams rewound, no
+ragged history. The moments are those where CPython delivers a signal's exception — a function
+starting, a call returning — picked by ``sys.setprofile`` at a seeded random count, so the trials
+are deterministic and bounded."""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.optim.optimizer as torch_optimizer
+from torch import nn
+
+import stableopt
+import stableopt._columns
+import stableopt._precision
+import stableopt._state
+import stableopt.history
+import stableopt.monitor
+from stableopt.history import History
+
+SEED = 20240611
+# an interrupt inside the weak-reference fallback of an already restored context (it then does
+# nothing) is reported by Python as "ignored": harmless, and expected at random moments
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+class Injector:
+    """A ``sys.setprofile`` function that raises ``KeyboardInterrupt`` at the ``at``-th moment
+    (0: never; ``count`` then tells how many there were) where CPython can deliver one: a
+    function starting, and a call (Python or C) returning, in ``files`` or called from them."""
+
+    def __init__(self, files, at=0, armed=True):
+        self.files = set(files)
+        self.at, self.armed, self.count, self.fired = at, armed, 0, False
+
+    def __call__(self, frame, event, arg):
+        if not self.armed or self.fired or event == "c_exception":
+            return
+        parent = frame.f_back
+        if frame.f_code.co_filename in self.files or (
+            event in ("call", "return") and parent is not None and parent.f_code.co_filename in self.files
+        ):
+            self.count += 1
+            if self.count == self.at:
+                self.fired = True
+                raise KeyboardInterrupt("injected")
+
+    def run(self, fn):
+        sys.setprofile(self)
+        try:
+            return fn()
+        finally:
+            sys.setprofile(None)
+
+
+def _files(*modules):
+    return [m.__file__ for m in modules]
+
+
+def _global_hooks():
+    m = nn.modules.module
+    opt_hooks = torch_optimizer._global_optimizer_pre_hooks
+    return (len(m._global_forward_pre_hooks), len(m._global_forward_hooks), len(opt_hooks))
+
+
+class Boom(Exception):
+    pass
+
+
+def _bf16_setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 2)).to(torch.bfloat16)
+    x, y = torch.randn(16, 4, dtype=torch.bfloat16), torch.randn(16, 2, dtype=torch.bfloat16)
+    opt = stableopt.Adam(model.parameters(), lr=1e-2, eps=1e-3)
+    opt.zero_grad()
+    ((model(x) - y) ** 2).float().mean().backward()
+    opt.step()
+    return model, opt, x, y
+
+
+def _snapshot(model):
+    return {
+        "params": [(p.dtype, p.detach().clone()) for p in model.parameters()],
+        "grads": [p.grad.clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "rng": torch.get_rng_state(),
+        "hooks": _global_hooks(),
+    }
+
+
+def _assert_restored(before, model):
+    after = _snapshot(model)
+    assert after["hooks"] == before["hooks"], "a global hook was left registered"
+    assert [d for d, _ in after["params"]] == [d for d, _ in before["params"]], "a parameter stayed float32"
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(before["params"], after["params"]))
+    assert all(torch.equal(a, b) for a, b in zip(before["grads"], after["grads"]))
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(before["buffers"], after["buffers"]))
+    assert torch.equal(after["rng"], before["rng"])
+    assert torch.is_grad_enabled(), "grad mode left off"
+    assert not stableopt._state._ACTIVE, "the measurement claim was not released"
+
+
+def _trial(model, opt, x, y, at, *, fail_at=None, count_only=False):
+    """One measurement under autocast with an interrupt at opcode ``at`` of _state/_precision
+    (after loss_fn raised Boom on its ``fail_at``-th call, when given)."""
+    injector = Injector(_files(stableopt._state, stableopt._precision), at, armed=fail_at is None)
+    calls = [0]
+
+    def loss_fn():
+        calls[0] += 1
+        if fail_at is not None and calls[0] == fail_at:
+            injector.armed = True  # count (and inject) only inside the restore from here on
+            raise Boom
+        return ((model(x) - y) ** 2).float().mean()
+
+    before = _snapshot(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        try:
+            injector.run(lambda: opt.sharpness(loss_fn))
+        except (KeyboardInterrupt, Boom):
+            pass
+        assert torch.is_autocast_enabled("cpu"), "autocast left off"
+    assert not torch.is_autocast_enabled("cpu")
+    _assert_restored(before, model)
+    # an unrelated bf16 layer under autocast still works (a leftover hook broke exactly this)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert nn.Linear(3, 3).to(torch.bfloat16)(torch.randn(2, 3, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    return injector
+
+
+@pytest.mark.parametrize("second", [False, True], ids=["interrupt", "interrupt-while-handling-an-exception"])
+def test_interrupts_anywhere_in_setup_and_restore_leave_nothing_behind(second):
+    model, opt, x, y = _bf16_setup()
+    fail_at = 1 if second else None  # loss_fn runs once: the HVPs reuse its graph
+    total = _trial(model, opt, x, y, 0, fail_at=fail_at).count  # opcodes of an uninterrupted run
+    assert total > 100
+    rng = random.Random(SEED + second)
+    points = sorted(rng.sample(range(1, total + 1), min(total, 300)))
+    fired = 0
+    for at in points:
+        fired += _trial(model, opt, x, y, at, fail_at=fail_at).fired
+    assert fired == len(points)
+    # and training goes on, bitwise like a twin that never measured
+    twin_model, twin_opt, _, _ = _bf16_setup()
+    for m, o in ((model, opt), (twin_model, twin_opt)):
+        torch.manual_seed(1)
+        o.zero_grad()
+        ((m(x) - y) ** 2).float().mean().backward()
+        o.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin_model.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(model.buffers(), twin_model.buffers()))
+
+
+def _row(i):
+    return {"step": i, "loss": 0.5 / (i + 1), "preconditioned": 2.0, "raw": np.nan, "threshold": 4.0, "ratio": 0.5,
+            "residual": 1e-4, "hvps": 7, "seconds": 0.01, "converged": True, "monitor": -1, "elapsed": float(i),
+            "eig_0": 2.0, "eig_1": 1.0 * i, "lr_0": 0.1}
+
+
+def test_an_interrupted_append_adds_a_whole_row_or_none(tmp_path):
+    files = _files(stableopt.history, stableopt._columns)
+    probe = History()
+    probe._append("measurements", _row(0))
+    counter = Injector(files)
+    counter.run(lambda: probe._append("measurements", _row(1)))
+    rng = random.Random(SEED)
+    for at in sorted(rng.sample(range(1, counter.count + 1), min(counter.count, 120))):
+        h = History()
+        h._append("measurements", _row(0))
+        injector = Injector(files, at)
+        try:
+            injector.run(lambda: h._append("measurements", _row(1)))
+        except KeyboardInterrupt:
+            pass
+        assert injector.fired
+        assert {len(v) for v in h.to_dict().values()} == {len(h)} and len(h) in (1, 2)
+        h._append("measurements", _row(2))  # the next append repairs nothing visible: it just works
+        steps = h.column("step").tolist()
+        assert steps in ([0, 2], [0, 1, 2]) and h.column("eig_1").tolist()[-1] == 2.0
+        h.save(tmp_path / "h.safetensors")
+        assert History.load(tmp_path / "h.safetensors").column("step").tolist() == steps
+
+
+def test_an_interrupted_history_load_state_dict_is_all_old_or_all_new():
+    old, new = History(), History()
+    for i in range(3):
+        old._append("measurements", _row(i))
+    for i in range(5):
+        new._append("measurements", _row(10 + i))
+    new.append_event(12, 0, 1.0, 0.5, 1.4, "cut")
+    state = new.state_dict()
+    files = _files(stableopt.history, stableopt._columns)
+    counter = Injector(files)
+    counter.run(lambda: History().load_state_dict(state))
+    rng = random.Random(SEED)
+    for at in sorted(rng.sample(range(1, counter.count + 1), min(counter.count, 120))):
+        h = History()
+        h.load_state_dict(old.state_dict())
+        try:
+            Injector(files, at).run(lambda: h.load_state_dict(state))
+        except KeyboardInterrupt:
+            pass
+        steps = h.column("step").tolist()
+        assert steps in (old.column("step").tolist(), new.column("step").tolist())
+        assert len(h.events()) == (1 if steps[0] == 10 else 0)
+
+
+def test_an_interrupted_secant_tracker_leaves_grad_mode_on():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5))
+    opt = stableopt.SGD([w], lr=0.01)
+    opt.monitor(lambda: (w**4).sum(), every=10**6, secant=True)
+    files = _files(stableopt.monitor, stableopt._state)
+
+    def step():
+        opt.zero_grad()
+        (w**4).sum().backward()
+        opt.step()
+
+    step()
+    counter = Injector(files)
+    counter.run(step)
+    rng = random.Random(SEED)
+    fired = 0
+    for at in sorted(rng.sample(range(1, counter.count + 1), min(counter.count, 100))):
+        injector = Injector(files, at)
+        try:
+            injector.run(step)
+        except KeyboardInterrupt:
+            pass
+        assert torch.is_grad_enabled()
+        fired += injector.fired  # (a step after an interrupted one can run fewer opcodes)
+    assert fired >= 80
