@@ -207,7 +207,9 @@ def check_guard_state(state: Any) -> dict[str, Any]:
     return checked
 
 
-_SCHEDULE = {"id": int, "every": int, "raw": bool, "k": int, "tol": float, "secant": bool, "live": bool}
+_SCHEDULE = {"id": int, "every": int, "raw": bool, "k": int, "tol": float, "secant": bool, "live": bool, "hvp": str}
+#: optional schedule fields and their values when a checkpoint predates them
+_SCHEDULE_DEFAULTS = {"secant": False, "live": False, "hvp": "auto"}
 
 
 def check_monitor_state(state: Any) -> tuple[list[dict[str, Any]], int]:
@@ -227,14 +229,21 @@ def check_monitor_state(state: Any) -> tuple[list[dict[str, Any]], int]:
     schedules = []
     for s in saved:
         if not isinstance(s, Mapping) or set(s) - set(_SCHEDULE) or not {"id", "every", "raw", "k", "tol"} <= set(s):
-            raise bad(f"a schedule must hold id, every, raw, k, tol (and secant, live), got {sorted(map(str, s)) if isinstance(s, Mapping) else type(s).__name__}")
+            raise bad(f"a schedule must hold id, every, raw, k, tol (and secant, live, hvp), got {sorted(map(str, s)) if isinstance(s, Mapping) else type(s).__name__}")
         for key, value in s.items():
             kind = _SCHEDULE[key]
+            if kind is str:
+                from .backends import HVP_OPTIONS
+
+                if value not in HVP_OPTIONS:
+                    raise bad(f"schedule field {key} must be one of {HVP_OPTIONS}, got {str(value)[:40]!r}")
+                continue
             ok = isinstance(value, bool) if kind is bool else (
                 not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int))
             if not ok:
                 raise bad(f"schedule field {key} must be {kind.__name__}, got {value!r}")
         if s["id"] < 0 or s["every"] < 1 or s["k"] < 1 or not 0.0 < s["tol"] < 1.0:
             raise bad(f"schedule out of range (id >= 0, every >= 1, k >= 1, 0 < tol < 1): {dict(s)}")
-        schedules.append({**{"secant": False, "live": False}, **s})
+        # in the order Monitor.schedule() writes, so a loaded state dict gives itself back
+        schedules.append({key: s[key] if key in s else _SCHEDULE_DEFAULTS[key] for key in _SCHEDULE})
     return schedules, next_id

@@ -88,7 +88,7 @@ class _Upcast:
         return bool(self.swapped)
 
     def pre(self, module: nn.Module, args: Any) -> Any:
-        if threading.get_ident() != self.thread or self.autocast0 is None:
+        if (not torch.compiler.is_compiling() and threading.get_ident() != self.thread) or self.autocast0 is None:
             return None  # another thread's module (see stableopt._state: refused there)
         for name, buf in module._buffers.items():
             if buf is not None and buf.dtype in LOW_PRECISION:
@@ -100,7 +100,7 @@ class _Upcast:
         return tree_map(_up, args) if low else None
 
     def post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if threading.get_ident() == self.thread and self.stack:
+        if (torch.compiler.is_compiling() or threading.get_ident() == self.thread) and self.stack:
             _set_autocast(self.stack.pop())
 
     def exit(self, *exc: object) -> None:

@@ -113,7 +113,9 @@ class _BufferRecorder:
         self.foreign: dict[int, str] = {}  # id(module) -> "thread name (module type)"
 
     def __call__(self, module: nn.Module, args: Any) -> None:
-        if threading.get_ident() != self.thread:
+        # under torch.compile this hook is traced into the graph, in the calling thread:
+        # dynamo cannot trace get_ident (it would break the graph), and need not
+        if not torch.compiler.is_compiling() and threading.get_ident() != self.thread:
             self.foreign.setdefault(id(module), f"{threading.current_thread().name!r} ran {type(module).__name__}")
             return
         if id(module) in self.seen:

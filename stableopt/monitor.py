@@ -215,7 +215,7 @@ class Monitor:
         return self.id in self._owner.monitors
 
     def schedule(self) -> dict[str, Any]:
-        return {"id": self.id, "every": self.every, "raw": self.raw, "k": self.k, "tol": self.tol, "secant": self.secant, "live": self.live}
+        return {"id": self.id, "every": self.every, "raw": self.raw, "k": self.k, "tol": self.tol, "secant": self.secant, "live": self.live, "hvp": self.hvp}
 
     def measure(self) -> Any:
         """Measure now (what the schedule does after every ``every``-th step)."""
@@ -291,10 +291,11 @@ class MonitorSet:
             self._view = _LiveView(self.optimizer.history, self.console)
         return self._view
 
-    def add(self, loss_fn: Callable[..., Tensor], *, every: int | None = None, batches: Iterable[Any] | None = None, raw: bool | None = None, k: int | None = None, tol: float | None = None, max_iters: int | None = None, live: bool = False, secant: bool | None = None, console: Any = None, hvp: str = "auto", log: Callable[[dict[str, float], int], Any] | None = None) -> Monitor:
+    def add(self, loss_fn: Callable[..., Tensor], *, every: int | None = None, batches: Iterable[Any] | None = None, raw: bool | None = None, k: int | None = None, tol: float | None = None, max_iters: int | None = None, live: bool = False, secant: bool | None = None, console: Any = None, hvp: str | None = None, log: Callable[[dict[str, float], int], Any] | None = None) -> Monitor:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        check_backend(hvp)
+        if hvp is not None:
+            check_backend(hvp)
         from .loggers import check_log_fn
 
         check_log_fn(log)
@@ -306,6 +307,8 @@ class MonitorSet:
             base.update({key: schedule[key] for key in self.DEFAULTS})
             if secant is None:
                 secant = bool(schedule.get("secant", False))
+            if hvp is None:
+                hvp = str(schedule.get("hvp", "auto"))
             if schedule.get("id") not in self.monitors:
                 monitor_id = int(schedule.get("id", monitor_id))
         opts = {key: base[key] if value is None else value for key, value in given.items()}
@@ -321,7 +324,7 @@ class MonitorSet:
                 self._view.stop()
                 self._view = None
             self.console = console
-        monitor = Monitor(self, monitor_id, loss_fn, batches=batches, max_iters=max_iters, live=bool(live), secant=bool(secant), hvp=hvp, log=log, **opts)
+        monitor = Monitor(self, monitor_id, loss_fn, batches=batches, max_iters=max_iters, live=bool(live), secant=bool(secant), hvp=hvp or "auto", log=log, **opts)
         self.monitors[monitor.id] = monitor
         self._next_id = max(self._next_id, monitor_id + 1)
         return monitor

@@ -273,7 +273,7 @@ class StabilityMixin:
         live: bool = False,
         secant: bool | None = None,
         console: Any = None,
-        hvp: str = "auto",
+        hvp: str | None = None,
         log: Callable[[dict[str, float], int], Any] | None = None,
     ) -> Any:
         """Measure ``sharpness(loss_fn, ...)`` after every ``every``-th ``step()``.
@@ -283,8 +283,8 @@ class StabilityMixin:
         of a checkpoint that had monitors, to that checkpoint's schedule. ``live=True`` shows a
         rich panel on a terminal (plain lines otherwise, to ``console`` if given);
         ``secant=True`` records the per-step secant estimate (:mod:`stableopt.monitor`);
-        ``hvp`` is the Hessian-vector-product backend of its measurements (see
-        :meth:`sharpness`).
+        ``hvp`` is the Hessian-vector-product backend of its measurements (default
+        ``"auto"`` or the checkpoint's, see :meth:`sharpness`).
         ``log=fn`` calls ``fn(metrics, step)`` after each measurement (:mod:`stableopt.loggers`).
 
         Returns:

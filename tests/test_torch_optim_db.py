@@ -188,15 +188,6 @@ def test_optim_db_error_input_raises_what_torch_raises(name, index):
 
 
 # -- state dicts are pure functions of the training state ---------------------------------------
-# Until the history's wall clock leaves ``History.state_dict()`` (issue 16), two calls differ by
-# the clock; these tests then must fail (strict xfail) and run for real once the clock is gone.
-# Remove the marker when issue 16 is merged.
-_CLOCK_IN_STATE = "elapsed" in stableopt.History().state_dict()
-clock_xfail = pytest.mark.xfail(
-    _CLOCK_IN_STATE,
-    strict=True,
-    reason="History.state_dict() carries a wall clock ('elapsed'); issue 16 removes it",
-)
 
 
 def _trained(name: str, dtype: torch.dtype, index: int) -> tuple[Any, list[nn.Parameter]]:
@@ -216,7 +207,6 @@ def _trained(name: str, dtype: torch.dtype, index: int) -> tuple[Any, list[nn.Pa
     return opt, params
 
 
-@clock_xfail
 @pytest.mark.parametrize(("name", "dtype", "index"), _cases((torch.float32,)))
 def test_optim_db_state_dict_is_deterministic(name, dtype, index):
     opt, params = _trained(name, dtype, index)
@@ -238,7 +228,6 @@ def test_optim_db_state_dict_is_deterministic(name, dtype, index):
     _assert_same(opt_c.state_dict(), opt.state_dict(), "original vs loaded copy")
 
 
-@clock_xfail
 @pytest.mark.parametrize(("name", "dtype", "index"), _cases((torch.float32,)))
 def test_optim_db_state_dict_round_trips(name, dtype, index):
     opt, _ = _trained(name, dtype, index)
