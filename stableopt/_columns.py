@@ -20,7 +20,8 @@ import numpy as np
 from ._text import quoted
 
 __all__ = [
-    "DYNAMIC_PREFIXES", "EVENT_COLUMNS", "MAX_REASON_CHARS", "MEASUREMENT_COLUMNS", "SCHEMA_VERSION",
+    "DYNAMIC_PREFIXES", "EVENT_COLUMNS", "HVP_BACKEND_CODES", "MAX_REASON_CHARS", "MEASUREMENT_COLUMNS",
+    "OPTIONAL_COLUMNS", "SCHEMA_VERSION",
     "SECANT_COLUMNS", "TABLES", "Tables", "check_columns", "check_layout", "check_row", "column_type",
     "dynamic_order", "table_of", "tables_from_state", "typed",
 ]
@@ -34,7 +35,13 @@ MAX_REASON_CHARS = 200
 MEASUREMENT_COLUMNS: dict[str, str] = {
     "step": "q", "loss": "d", "preconditioned": "d", "raw": "d", "threshold": "d", "ratio": "d",
     "residual": "d", "hvps": "q", "seconds": "d", "converged": "b", "monitor": "q", "elapsed": "d",
+    "hvp_backend": "q",
 }
+#: codes of the ``hvp_backend`` column (the backend a measurement used; −1: not recorded, in a
+#: file saved before the column existed)
+HVP_BACKEND_CODES = {"autograd": 0, "fd": 1, "forward": 2}
+#: fixed columns a file may lack (it was saved before they existed), with their backfill value
+OPTIONAL_COLUMNS: dict[str, float] = {"hvp_backend": -1}
 #: prefixes of the per-group / per-eigenvalue measurement columns (all float64)
 DYNAMIC_PREFIXES = ("lr_", "threshold_", "eig_")
 SECANT_COLUMNS: dict[str, str] = {"secant_step": "q", "secant": "d", "secant_ratio": "d"}
@@ -57,6 +64,7 @@ RULES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "event_step": (0, None, True, True),
     "hvps": (0, _COUNT - 1, False, True),
     "monitor": (-1, _COUNT - 1, False, True),
+    "hvp_backend": (-1, len(HVP_BACKEND_CODES) - 1, False, True),
     "event_group": (0, 2**20, False, True),
     "seconds": (0.0, None, False, True),
     "elapsed": (0.0, None, False, True),
@@ -163,7 +171,7 @@ def check_layout(layout: Mapping[str, tuple[str, tuple[int, ...]]], bad: Callabl
         if order[0] < len(DYNAMIC_PREFIXES):
             numbered[DYNAMIC_PREFIXES[order[0]]].append(order[1])
     for table, fixed in TABLES.items():
-        missing = [n for n in fixed if n not in layout]
+        missing = [n for n in fixed if n not in layout and n not in OPTIONAL_COLUMNS]
         if missing:
             raise bad(f"stableopt history without the column(s) {missing}")
     for prefix, indices in numbered.items():
@@ -207,6 +215,10 @@ class Tables:
             col = array(tc)
             col.frombytes(np.ascontiguousarray(values, dtype=np.int8 if tc == "b" else _NP[tc]).tobytes())
             tables.cols[table_of(name)][name] = col
+        for name, value in OPTIONAL_COLUMNS.items():  # a file from before the column: backfill
+            if name not in columns:
+                tc = TABLES[table_of(name)][name]
+                tables.cols[table_of(name)][name] = array(tc, [typed(tc, value)]) * int(rows.get(table_of(name), 0))
         tables.rows = dict(rows)
         tables.reasons = list(reasons)
         return tables

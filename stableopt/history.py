@@ -6,7 +6,9 @@
   ``step``, ``loss`` (on the probe data), ``preconditioned`` (λ_max(P⁻¹H)), ``raw`` (λ_max(H),
   NaN when not measured), ``threshold``, ``ratio``, ``residual``, ``hvps``, ``seconds``,
   ``converged``, ``monitor`` (the monitor's id, −1 for a manual call), ``elapsed`` (wall seconds
-  since the optimizer was created, for the share of training time spent measuring), and per
+  since the optimizer was created, for the share of training time spent measuring),
+  ``hvp_backend`` (the Hessian-vector-product backend, a code: 0 ``"autograd"``, 1 ``"fd"``,
+  2 ``"forward"``, −1 not recorded; :meth:`History.hvp_backends` gives the names), and per
   param group ``lr_<g>`` (effective lr) and ``threshold_<g>``, and ``eig_<i>`` (the top-k
   eigenvalues of P⁻¹H);
 * secant (one row per step while a monitor with ``secant=True`` is attached): ``secant_step``,
@@ -40,7 +42,7 @@ import numpy as np
 
 from . import _history_file
 from ._columns import (  # noqa: F401 - the column tables are part of this module's API
-    DYNAMIC_PREFIXES, EVENT_COLUMNS, MAX_REASON_CHARS, MEASUREMENT_COLUMNS, SCHEMA_VERSION,
+    DYNAMIC_PREFIXES, EVENT_COLUMNS, HVP_BACKEND_CODES, MAX_REASON_CHARS, MEASUREMENT_COLUMNS, SCHEMA_VERSION,
     SECANT_COLUMNS, TABLES, Tables, check_row, dynamic_order, is_dynamic, table_of, tables_from_state, typed,
 )
 from ._history_file import FORMAT
@@ -156,6 +158,7 @@ class History:
             "converged": report.converged,
             "monitor": self.source,
             "elapsed": self.elapsed(),
+            "hvp_backend": HVP_BACKEND_CODES.get(getattr(report, "hvp_backend", ""), -1),
         }
         try:
             lrs = optimizer.effective_lr()
@@ -225,6 +228,13 @@ class History:
             return np.zeros(0, dtype=_NP[col.typecode])
         raw = np.frombuffer(col, dtype=np.int8 if col.typecode == "b" else _NP[col.typecode], count=n)
         return raw.astype(_NP[col.typecode])  # a copy: the history stays append-only
+
+    def hvp_backends(self) -> list[str]:
+        """The Hessian-vector-product backend of each measurement (``"autograd"``, ``"fd"``,
+        ``"forward"``; ``"unknown"`` in a file saved before it was recorded): the names of the
+        ``hvp_backend`` column's codes (:data:`stableopt._columns.HVP_BACKEND_CODES`)."""
+        names = {code: name for name, code in HVP_BACKEND_CODES.items()}
+        return [names.get(int(c), "unknown") for c in self.column("hvp_backend")]
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.column(name)

@@ -112,6 +112,17 @@ def _title(history: Any, title: str | Text | None) -> Text:
     return text(title, "bold", limit=120)
 
 
+def _backends(history: Any) -> str:
+    """Which Hessian-vector-product backend measured, e.g. ``fd`` or ``fd (12), autograd (1)``."""
+    names = history.hvp_backends() if hasattr(history, "hvp_backends") else []
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "unknown"
+
+
 def render_report(history: Any, *, title: str | Text | None = None, spark_width: int = 32) -> Panel:
     """The report panel of ``history``: per group lr and threshold, the latest λ_max(P⁻¹H) and
     ratio (coloured by zone), a sparkline of the ratio, raw sharpness and its trend, the
@@ -216,6 +227,7 @@ def render_report(history: Any, *, title: str | Text | None = None, spark_width:
     elapsed = float(last["elapsed"])
     share = f" = {seconds / elapsed:.1%} of {elapsed:,.1f} s wall time" if math.isfinite(elapsed) and elapsed > 0 else ""
     grid.add_row("cost", f"{int(cols['hvps'].sum()):,} HVPs, {seconds:,.2f} s{share}")
+    grid.add_row("HVPs by", _backends(history))
     legend = Text.assemble(
         ("zones: ", "dim"), ("below", ZONE_STYLE["below"]), (f" < {BELOW} ≤ ", "dim"),
         ("at", ZONE_STYLE["at"]), (f" ≤ {ABOVE} < ", "dim"), ("above", ZONE_STYLE["above"]),

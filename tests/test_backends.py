@@ -274,6 +274,33 @@ def test_monitor_and_guard_pass_their_backend_on():
     guard.attach(custom_loss, hvp="fd")
     opt.step()
     opt.step()
-    backends = opt.history.column("hvps")  # two monitor measurements and one guard measurement
-    assert len(backends) == 3
+    assert opt.history.hvp_backends() == ["fd", "fd", "fd"]  # two by the monitor, one by the guard
+    assert opt.history.column("hvp_backend").tolist() == [1, 1, 1]
     assert isinstance(opt._stableopt_backend, BackendChoice) and opt.hvp_backend is None
+
+
+def test_the_backend_is_a_history_column_shown_in_the_report_and_saved(tmp_path):
+    import io
+
+    from rich.console import Console
+    from safetensors.numpy import load_file, save_file
+
+    model, x, loss_of, custom_loss, opt = _custom_kernel_setup()
+    with pytest.warns(RuntimeWarning):
+        opt.sharpness(custom_loss)  # auto -> fd
+    opt.sharpness(lambda: loss_of(model(x)), hvp="forward")  # torch's tanh: forward AD works
+    console = Console(file=io.StringIO(), width=120)
+    opt.report(console=console)
+    assert "HVPs by" in console.file.getvalue() and "fd (1), forward (1)" in console.file.getvalue()
+    path = tmp_path / "run.safetensors"
+    opt.history.save(path)
+    assert stableopt.History.load(path).hvp_backends() == ["fd", "forward"]
+    # a file written before the column existed still loads, its backend unknown
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        metadata = f.metadata()
+    columns = {k: v for k, v in load_file(str(path)).items() if k != "hvp_backend"}
+    old = tmp_path / "old.safetensors"
+    save_file(columns, str(old), metadata=metadata)
+    assert stableopt.History.load(old).hvp_backends() == ["unknown", "unknown"]
