@@ -204,8 +204,11 @@ class StabilityMixin:
 
     def effective_lr(self) -> list[float]:
         """The learning rate each param group's ``step()`` really uses (scheduler × guard)."""
-        scale = list(self._stableopt_lr_scale or [])
-        scale += [1.0] * (len(self.param_groups) - len(scale))  # groups added after the guard acted
+        if self.guard is not None:  # groups added after a cut get the cut (LRGuard.factors)
+            scale = self.guard.factors
+        else:
+            scale = list(self._stableopt_lr_scale or [])
+            scale += [1.0] * (len(self.param_groups) - len(scale))
         return [_float(group["lr"]) * f for group, f in zip(self.param_groups, scale)]
 
     def register_measurement_hook(self, hook: Callable[[Any, SharpnessReport], None]) -> RemovableHandle:

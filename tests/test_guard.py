@@ -195,6 +195,7 @@ def test_several_groups_are_all_scaled_with_one_event_each():
     opt.add_param_group({"params": [c], "lr": 0.5})
     # a group added after the cut gets the cut too: it behaves as if it had been there from the start
     assert opt.guard.factors == pytest.approx([0.36, 0.36, 0.36], rel=1e-3)
+    assert opt.effective_lr()[2] == pytest.approx(0.5 * 0.36, rel=1e-3)  # before its first step too
     opt.zero_grad()
     (3.0 * c).sum().backward()  # grad 3: SGD moves c by lr · factor · 3
     opt.step()
