@@ -1,6 +1,6 @@
-"""Shared plumbing of the example scripts: arguments, the SCIENCE.md problem, training, outputs.
+"""Shared plumbing of the example scripts: arguments, the docs/science.md problem, training, outputs.
 
-Every example trains the network of SCIENCE.md — the first 1000 scikit-learn digits,
+Every example trains the network of docs/science.md — the first 1000 scikit-learn digits,
 standardised, one-hot targets, a tanh MLP 64-128-128-10, loss ½‖f(x) − y‖² averaged over
 samples — unless told otherwise, and leaves three things behind in ``--out``: a history
 (``.safetensors``, reload it with ``stableopt.History.load``), a PNG figure, and a verdict on the
@@ -85,7 +85,7 @@ def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
 
 
 def problem(*, seed: int = 0, width: int = 128, depth: int = 2, activation: str = "tanh", loss: str = "mse", n: int = 1000) -> Problem:
-    """The SCIENCE.md digits problem (or a variant of its network and loss)."""
+    """The docs/science.md digits problem (or a variant of its network and loss)."""
     x, y, source = digits_data(n)
     widths = (x.shape[1],) + (width,) * depth + (y.shape[1],)
     model = make_mlp(widths, activation=ACTIVATIONS[activation], seed=seed)

@@ -1,6 +1,6 @@
 """Full-batch Adam on scikit-learn's digits reaches the Adaptive Edge of Stability and stays there.
 
-The setting of SCIENCE.md (Cohen et al. 2022, arXiv:2207.14484, Figure 1): the first 1000
+The setting of docs/science.md (Cohen et al. 2022, arXiv:2207.14484, Figure 1): the first 1000
 digits, standardised, one-hot targets, tanh MLP 64-128-128-10, loss ½‖f(x) − y‖² averaged over
 samples, Adam(η = 1e-3, β = (0.9, 0.999), ε = 1e-8). The preconditioned sharpness λ_max(P⁻¹H)
 rises ("progressive sharpening") until it meets Adam's stability threshold 38/η and then hovers

@@ -1,6 +1,6 @@
 """Freeze Adam's preconditioner at its edge and it behaves like GD: held at its threshold.
 
-Adam trains the SCIENCE.md network full batch (digits, tanh MLP 64-128-128-10, MSE, η = 1e-3)
+Adam trains the docs/science.md network full batch (digits, tanh MLP 64-128-128-10, MSE, η = 1e-3)
 for ``--freeze-at`` steps (default 400, where λ_max(P⁻¹H) first meets 38/η). From that
 checkpoint two branches continue:
 

@@ -1,6 +1,6 @@
 """The paper's central contrast: at its edge GD stops sharpening, Adam keeps moving into sharper regions.
 
-Both methods train the SCIENCE.md network full batch (digits, tanh MLP 64-128-128-10, MSE):
+Both methods train the docs/science.md network full batch (digits, tanh MLP 64-128-128-10, MSE):
 
 * gradient descent, η = 0.5: P = I, so λ_max(P⁻¹H) *is* the raw sharpness λ_max(H). It rises
   to 2/η = 4 and is then pinned there — GD cannot enter regions sharper than 2/η.

@@ -1,6 +1,6 @@
 """Does the lr guard widen the range of learning rates that train stably, and what does it cost?
 
-The SCIENCE.md problem (full-batch, first 1000 scikit-learn digits, tanh MLP 64-128-128-10,
+The docs/science.md problem (full-batch, first 1000 scikit-learn digits, tanh MLP 64-128-128-10,
 MSE ½‖f(x) − y‖²) trained with Adam over a sweep of learning rates, once with plain
 ``stableopt.Adam`` and once with ``stableopt.Adam(..., guard=LRGuard(every=N))``, from the same
 initialisation. Per lr the table shows the final loss, the worst loss spike (the largest

@@ -1,6 +1,6 @@
 """Mini-batch Adam: the closer to full batch, the closer the equilibrium ratio is to the edge (1).
 
-The same network (SCIENCE.md: digits, tanh MLP 64-128-128-10, MSE) trained by Adam
+The same network (docs/science.md: digits, tanh MLP 64-128-128-10, MSE) trained by Adam
 (η = 1e-3) on shuffled mini-batches of several sizes, the same number of steps each. The
 sharpness is always measured on the *full* training set — λ_max(P⁻¹H) of the full-data
 Hessian with the P of the last step — so the runs are comparable. Cohen et al. (2022) report

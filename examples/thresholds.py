@@ -1,6 +1,6 @@
 """Each update rule equilibrates at its own stability threshold — the one its linear analysis predicts.
 
-One full-batch run per rule on the SCIENCE.md problem (digits, tanh MLP 64-128-128-10, MSE):
+One full-batch run per rule on the docs/science.md problem (digits, tanh MLP 64-128-128-10, MSE):
 
     rule                                threshold on λ_max(P⁻¹H)
     RMSprop, η = 1e-4                   2/η                          (P = √v + ε)

@@ -1,6 +1,6 @@
 """The ``stableopt demo`` job: full-batch Adam on scikit-learn's digits reaching the edge.
 
-The SCIENCE.md setting: the first 1000 digits, standardised, one-hot targets, tanh MLP
+The docs/science.md setting: the first 1000 digits, standardised, one-hot targets, tanh MLP
 64-128-128-10, loss ½‖f(x) − y‖² averaged over samples, Adam(η = 1e-3, β = (0.9, 0.999),
 ε = 1e-8). Without scikit-learn the data is a synthetic teacher–student problem of the same shape.
 """

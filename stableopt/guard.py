@@ -2,13 +2,13 @@
 
 :class:`LRGuard` is pure policy. It listens to every sharpness measurement of the optimizer it is
 attached to (``stableopt.Adam(..., guard=True)``), and when the dimensionless ratio
-(λ_max(P⁻¹H) over the stability threshold, 1 = the edge; see SCIENCE.md) crosses a trigger it
+(λ_max(P⁻¹H) over the stability threshold, 1 = the edge; see docs/science.md) crosses a trigger it
 lowers a multiplicative factor on the learning rate of the param groups. The factor lives next to
 ``group["lr"]``, never in it: the optimizer multiplies ``group["lr"]`` by the factor inside
 ``step()`` and restores it in a ``finally`` block, so any torch lr scheduler keeps owning
 ``group["lr"]`` and scheduler and guard compose as the product of the two.
 
-Why the rule is linear in the ratio: every threshold in the SCIENCE.md table is ∝ 1/η (Adam
+Why the rule is linear in the ratio: every threshold in the docs/science.md table is ∝ 1/η (Adam
 (2+2β1)/((1−β1)η), RMSprop and SGD 2/η or their momentum variants; AdamW's (1+β1)(2−ηλ)/((1−β1)η)
 up to the tiny ηλ term), while the preconditioned Hessian P⁻¹H does not contain η. At fixed
 parameters and preconditioner the ratio is therefore proportional to the effective learning
@@ -80,10 +80,10 @@ class LRGuard:
 
     Defaults and why:
 
-    * ``trigger=1.2``: the central-flows picture (SCIENCE.md) is that training *at* the edge is
+    * ``trigger=1.2``: the central-flows picture (docs/science.md) is that training *at* the edge is
       normal and acts as an implicit regulariser; holding the ratio below 1 slows training. So
       the guard ignores the hovering at 1 and reacts to excursions above it. Runs at the edge
-      read up to 1.12 (RMSprop and GD on the SCIENCE.md problem), and Adam's ratio measured
+      read up to 1.12 (RMSprop and GD on the docs/science.md problem), and Adam's ratio measured
       every step there is a sawtooth between ≈ 0.85 and 1.06 at lr 1e-3 as at 1e-1 (it climbs
       past 1, a small loss spike grows v, it drops), hence 1.2 and not 1.0 or 1.05: a trigger
       inside the normal band ratchets the lr down at every cycle, because at the edge the
@@ -104,7 +104,7 @@ class LRGuard:
     raises the factor whenever ρ < 0.9, up to ``cap`` (default 10).
 
     **Param groups.** A measurement gives one ratio for the whole model (the ratio of
-    λ_max(D^{1/2}HD^{1/2}) with per-group D, SCIENCE.md). The guard does not apportion it among
+    λ_max(D^{1/2}HD^{1/2}) with per-group D, docs/science.md). The guard does not apportion it among
     groups: every action multiplies the factor of *every* group by the same amount (each clipped
     to its own floor and cap), which scales D uniformly and so moves the ratio exactly as
     computed. Each group keeps its own factor and gets its own event. A group added with

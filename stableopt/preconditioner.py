@@ -2,7 +2,7 @@
 
 Pure functions of one parameter's optimizer state and its param group, written with the same
 tensor operations as torch's single-tensor code path so that P is the denominator the step used
-(SCIENCE.md, "Definitions"):
+(docs/science.md, "Preconditioners"):
 
 * Adam / AdamW: P = √v̂ + ε with v̂ = v/(1 − β2ᵗ), v = ``exp_avg_sq`` (``max_exp_avg_sq`` with
   amsgrad); ε sits outside the root and η is not part of P.

@@ -1,7 +1,7 @@
 """Preconditioned sharpness λ_max(P⁻¹H), the edge-of-stability ratio and raw λ_max(H).
 
 P⁻¹H is not symmetric, but it is similar to the symmetric P^{-1/2}·H·P^{-1/2}, which has the same
-eigenvalues; Lanczos runs on that (SCIENCE.md). The dimensionless ratio of a model whose param
+eigenvalues; Lanczos runs on that (docs/science.md). The dimensionless ratio of a model whose param
 groups g have thresholds τ_g is
 
     ratio = λ_max(D^{1/2}·H·D^{1/2}),   D = diag(1/(τ_g·P))   (per coordinate),

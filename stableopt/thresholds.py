@@ -3,7 +3,7 @@
 Linear stability on a quadratic f(θ) = ½ θᵀHθ with the preconditioner P frozen: substituting
 u = P^{1/2} θ decouples the dynamics into the eigendirections of P⁻¹H, each of which evolves on
 its own with a scalar eigenvalue ``a``. A rule is stable iff ``a`` lies below the threshold
-returned here (Cohen et al. 2022, arXiv:2207.14484, Appendix; see ``SCIENCE.md``).
+returned here (Cohen et al. 2022, arXiv:2207.14484, Appendix; see docs/science.md).
 
 Every function takes the learning rate ``lr`` (η) first and returns the threshold on ``a`` as a
 Python float (``inf`` for η = 0: a group that does not move cannot become unstable). The tests check each formula by running the torch optimizer itself on

@@ -1,4 +1,4 @@
-"""The SCIENCE.md digits setting reproduces the Adaptive Edge of Stability with stableopt's code."""
+"""The docs/science.md digits setting reproduces the Adaptive Edge of Stability with stableopt's code."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def test_adam_on_digits_hovers_at_the_edge_from_step_800_to_1500():
             early[row.step] = row.report.ratio
         if row.step >= 800:
             late.append(row.report.ratio)
-    # progressive sharpening first (SCIENCE.md: 0.19 at step 100, 0.98 at step 400) ...
+    # progressive sharpening first (docs/science.md: 0.19 at step 100, 0.98 at step 400) ...
     assert early[100] < 0.3 and early[400] > 0.9
     # ... then λ_max(P⁻¹H)·η/38 within 10% of 1 over steps 800–1500
     assert len(late) == 15
