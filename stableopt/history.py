@@ -12,6 +12,10 @@
 * secant (one row per step while a monitor with ``secant=True`` is attached): ``secant_step``,
   ``secant`` (the estimate Δθᵀ(g_t − g_{t−1}) / ΔθᵀPΔθ) and ``secant_ratio`` (the same over
   Σ τ_g·Δθ_gᵀP_gΔθ_g, so 1 = the edge);
+* directional (one row per ``opt.directional_sharpness()`` call, manual or by a monitor with
+  ``directional=``): ``directional_step``, ``directional`` (uᵀHu/uᵀPu), ``directional_ratio``
+  (the same over Σ τ_g·u_gᵀP_gu_g), ``directional_hvps`` and ``directional_kind`` (the index of
+  the direction in :data:`DIRECTIONAL_KINDS`); see :mod:`stableopt.directional`;
 * events (guard actions): ``event_step``, ``event_group``, ``event_old_factor``,
   ``event_new_factor``, ``event_ratio`` and a reason string each.
 
@@ -67,6 +71,11 @@ MEASUREMENT_COLUMNS: dict[str, str] = {
 #: prefixes of the per-group / per-eigenvalue measurement columns (all float64)
 DYNAMIC_PREFIXES = ("lr_", "threshold_", "eig_")
 SECANT_COLUMNS: dict[str, str] = {"secant_step": "q", "secant": "d", "secant_ratio": "d"}
+DIRECTIONAL_COLUMNS: dict[str, str] = {
+    "directional_step": "q", "directional": "d", "directional_ratio": "d", "directional_hvps": "q", "directional_kind": "q",
+}
+#: ``directional_kind`` i is the direction DIRECTIONAL_KINDS[i]
+DIRECTIONAL_KINDS = ("update", "gradient", "explicit")
 EVENT_COLUMNS: dict[str, str] = {
     "event_step": "q",
     "event_group": "q",
@@ -74,7 +83,7 @@ EVENT_COLUMNS: dict[str, str] = {
     "event_new_factor": "d",
     "event_ratio": "d",
 }
-_TABLES = ("measurements", "secant", "events")
+_TABLES = ("measurements", "secant", "events", "directional")
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,8 @@ def _is_dynamic(name: str) -> bool:
 def _table_of(name: str) -> str:
     if name in SECANT_COLUMNS:
         return "secant"
+    if name in DIRECTIONAL_COLUMNS:
+        return "directional"
     if name.startswith("event_"):
         return "events"
     return "measurements"
@@ -171,8 +182,9 @@ class History:
             "measurements": {name: array(tc) for name, tc in MEASUREMENT_COLUMNS.items()},
             "secant": {name: array(tc) for name, tc in SECANT_COLUMNS.items()},
             "events": {name: array(tc) for name, tc in EVENT_COLUMNS.items()},
+            "directional": {name: array(tc) for name, tc in DIRECTIONAL_COLUMNS.items()},
         }
-        self._rows = {"measurements": 0, "secant": 0, "events": 0}
+        self._rows = {"measurements": 0, "secant": 0, "events": 0, "directional": 0}
         self._reasons: list[str] = []
 
     def _append(self, table: str, row: Mapping[str, Any]) -> None:
@@ -233,6 +245,11 @@ class History:
     def append_secant(self, step: int, secant: float, ratio: float) -> None:
         """Record the per-step secant curvature estimate (see :mod:`stableopt.monitor`)."""
         self._append("secant", {"secant_step": step, "secant": secant, "secant_ratio": ratio})
+
+    def append_directional(self, step: int, value: float, ratio: float, hvps: int, direction: str) -> None:
+        """Record a directional sharpness (see :mod:`stableopt.directional`)."""
+        kind = DIRECTIONAL_KINDS.index(direction)
+        self._append("directional", {"directional_step": step, "directional": value, "directional_ratio": ratio, "directional_hvps": hvps, "directional_kind": kind})
 
     def append_event(self, step: int, group: int, old_factor: float, new_factor: float, ratio: float, reason: str) -> None:
         """Record a guard action: group ``group``'s lr factor ``old_factor`` → ``new_factor``."""
@@ -297,6 +314,15 @@ class History:
     def secant(self) -> dict[str, np.ndarray]:
         """The per-step secant estimates: ``{"secant_step", "secant", "secant_ratio"}``."""
         return self.to_dict("secant")
+
+    def directional(self, direction: str | None = None) -> dict[str, np.ndarray]:
+        """The directional measurements (of one ``direction`` only, if given): the columns of
+        the ``directional`` table."""
+        cols = self.to_dict("directional")
+        if direction is None:
+            return cols
+        keep = cols["directional_kind"] == DIRECTIONAL_KINDS.index(direction)
+        return {name: values[keep] for name, values in cols.items()}
 
     def events(self) -> list[GuardEvent]:
         """The guard's actions, oldest first."""
@@ -369,6 +395,11 @@ class History:
         return value if isinstance(value, list) else []
 
     # -- files ---------------------------------------------------------------------------------
+    def _stored_tables(self) -> tuple[str, ...]:
+        """The tables files and state dicts hold: an empty directional table is left out, so
+        that a run without directional measurements writes what older versions read."""
+        return _TABLES if self._rows["directional"] else _TABLES[:3]
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a safetensors file: one contiguous 1-D tensor per column, string metadata.
 
@@ -377,7 +408,7 @@ class History:
         """
         from safetensors.numpy import save_file
 
-        tensors = {name: np.ascontiguousarray(self.column(name)) for t in _TABLES for name in self.columns(t)}
+        tensors = {name: np.ascontiguousarray(self.column(name)) for t in self._stored_tables() for name in self.columns(t)}
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".stableopt-", suffix=".safetensors", dir=folder)
@@ -460,7 +491,7 @@ class History:
         """Replace the columns with ``tensors`` after checking names, types and lengths."""
         self.reset()
         lengths: dict[str, int] = {}
-        fixed = {**MEASUREMENT_COLUMNS, **SECANT_COLUMNS, **EVENT_COLUMNS}
+        fixed = {**MEASUREMENT_COLUMNS, **SECANT_COLUMNS, **EVENT_COLUMNS, **DIRECTIONAL_COLUMNS}
         for name, value in tensors.items():
             arr = np.asarray(value)
             table = _table_of(name)
@@ -476,9 +507,9 @@ class History:
             col = array(expected)
             col.frombytes(np.ascontiguousarray(arr.astype(np.int8) if expected == "b" else arr).tobytes())
             self._cols[table][name] = col
-        for table, cols in (("measurements", MEASUREMENT_COLUMNS), ("secant", SECANT_COLUMNS), ("events", EVENT_COLUMNS)):
+        for table, cols in (("measurements", MEASUREMENT_COLUMNS), ("secant", SECANT_COLUMNS), ("events", EVENT_COLUMNS), ("directional", DIRECTIONAL_COLUMNS)):
             missing = [n for n in cols if n not in tensors]
-            if missing:
+            if missing and (table != "directional" or len(missing) < len(cols)):  # older files have no directional table
                 raise bad(f"stableopt history without the column(s) {missing}")
             self._rows[table] = lengths.get(table, 0)
 
@@ -489,7 +520,7 @@ class History:
 
         return {
             "schema": SCHEMA_VERSION,
-            "columns": {name: torch.from_numpy(self.column(name)) for t in _TABLES for name in self.columns(t)},
+            "columns": {name: torch.from_numpy(self.column(name)) for t in self._stored_tables() for name in self.columns(t)},
             "event_reasons": list(self._reasons),
             "elapsed": self.elapsed(),
         }

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .directional_view import plot_directional
+
 __all__ = ["plot_history"]
 
 
@@ -61,6 +63,7 @@ def plot_history(history: Any, path: str | os.PathLike[str], *, title: str | Non
     sec = history.secant()
     if len(sec["secant"]):
         ax.plot(sec["secant_step"], sec["secant"], color="C0", alpha=0.25, lw=0.6, label="secant estimate (lower bound)")
+    plot_directional(history, ax)
     ok = np.isfinite(cols["preconditioned"])
     top = np.nanmax(np.concatenate([cols["preconditioned"][ok], cols["threshold"][np.isfinite(cols["threshold"])]])) if ok.any() else 1.0
     ax.set_ylim(0, 1.15 * top)

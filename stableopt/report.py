@@ -17,6 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from .directional_view import add_directional_rows
 from .monitor import ABOVE, BELOW, zone
 
 __all__ = ["print_report", "render_report", "render_saved", "sparkline", "terminal_chart", "trend"]
@@ -176,6 +177,7 @@ def render_report(history: Any, *, title: str | None = None, spark_width: int = 
                 ("\na lower bound; meaningful for full-batch training only", "dim"),
             ),
         )
+    add_directional_rows(grid, history)
     events = history.events()
     if events:
         lines = Text()
