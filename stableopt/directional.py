@@ -103,8 +103,10 @@ def directional_curvature(op: CurvatureOperator, u: Tensor, precond: Tensor, thr
         (8.0, 3.0, 30.0)
     """
     u = torch.where(torch.isfinite(precond), u, torch.zeros_like(u))
-    pu = torch.where(u != 0, precond * u, torch.zeros_like(u))  # P = 0 or inf times u = 0 is 0
-    quad = torch.stack([op.dot(u, op.matvec(u)), op.dot(u, pu), op.dot(u, thresholds * pu)])
+    zero = torch.zeros_like(u)
+    pu = torch.where(u != 0, precond * u, zero)  # P·u = 0 where u = 0, whatever P
+    tpu = torch.where(pu != 0, thresholds * pu, zero)  # and τ = inf (lr 0) times 0 is 0
+    quad = torch.stack([op.dot(u, op.matvec(u)), op.dot(u, pu), op.dot(u, tpu)])
     curvature, metric, weighted = (float(x) for x in quad.double().tolist())
     return curvature, metric, weighted
 
@@ -190,9 +192,10 @@ def estimate_directional_sharpness(
     Args:
         loss_fn: ``loss_fn()`` (or ``loss_fn(batch)``) returning the scalar loss.
         groups: the param groups with their preconditioners, thresholds, sign and decay.
-        direction: ``"gradient"`` (u = P⁻¹(s·g + λθ) from the parameters' current ``.grad``:
-            the gradient of the descended objective, preconditioned) or one tensor per
-            parameter of ``groups`` (None: zero), shaped like it.
+        direction: ``"gradient"`` (u = P⁻¹(s·g + λθ) with g what the parameters' ``.grad``
+            holds and θ their current values: the gradient of the descended objective,
+            preconditioned; measured after ``step()``, g is the gradient that step used, taken
+            at θ_{t−1}) or one tensor per parameter of ``groups`` (None: zero), shaped like it.
         batches: optional re-iterable of batches (batch-size-weighted mean Hessian).
         hvp: the Hessian-vector-product backend (:mod:`stableopt.backends`).
         choice: where ``hvp="auto"`` keeps its decision between calls.
