@@ -13,16 +13,18 @@ the Rayleigh quotient wᵀ(P^{-1/2}HP^{-1/2})w / wᵀw, so
 
     value ≤ λ_max(P⁻¹H)   and   ratio ≤ the edge ratio of ``opt.sharpness()``:
 
-a lower bound, tight when u lies along the top eigenvector (near the edge Adam's update
-oscillates along it). It costs one product where a λ_max measurement costs 10–20.
+a lower bound, tight only when u lies along the top eigenvector. It costs one product, where a
+λ_max measurement costs 5–25.
 
-What it predicts: Bai et al. 2025 (arXiv:2506.04805) find that the preconditioned curvature
+What it predicts: Bai et al. 2025 (arXiv:2506.04805) report that the preconditioned curvature
 *along the gradient* (``direction="gradient"``, u = P⁻¹g) crossing the stability threshold
 precedes Adam's loss spikes, earlier and more reliably than λ_max. ``examples/spike_predictor.py``
-measures how well that holds on the digits problem. When it is noisy: with mini-batches the
-update and the gradient are those of the batch just used, H that of ``loss_fn`` (or
-``batches``); a noisy u has large components in flat directions, so the value is a low,
-fluctuating lower bound; read its trend, not single values.
+measures it on full-batch Adam on the digits problem: there the gradient-direction ratio crossed
+1 one to six steps before most spikes, while the update direction's crossed at the onsets or
+after them, never before (examples/README.md has the table, λ_max included). When it is noisy:
+with mini-batches the update and the gradient are those of the batch just used while H is that
+of ``loss_fn`` (or ``batches``), so the value moves with the batch; read its trend, not single
+values.
 
 Coordinates the optimizer cannot move (P = inf: a parameter it has not stepped yet) are
 dropped from u, as every preconditioned operator drops them. A zero direction (nothing moved, a
