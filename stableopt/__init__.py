@@ -7,6 +7,7 @@ ratio to the stability threshold of the update rule (Cohen et al. 2022, arXiv:22
 
 from . import distributed, loggers, rules
 from .backends import BACKENDS, BackendChoice
+from .directional import DirectionalReport, directional_curvature, estimate_directional_sharpness
 from .eigen import LanczosResult, lanczos
 from .finite_difference import make_fd_hvp
 from .forward_ad import ForwardADError, make_forward_hvp
@@ -41,6 +42,7 @@ __all__ = [
     "BackendChoice",
     "CurvatureOperator",
     "DenseOperator",
+    "DirectionalReport",
     "DoubleBackwardError",
     "ForwardADError",
     "GuardEvent",
@@ -59,7 +61,9 @@ __all__ = [
     "StabilityRule",
     "__version__",
     "adam_threshold",
+    "directional_curvature",
     "distributed",
+    "estimate_directional_sharpness",
     "estimate_sharpness",
     "gd_threshold",
     "hessian_vector_product",

@@ -207,9 +207,12 @@ def check_guard_state(state: Any) -> dict[str, Any]:
     return checked
 
 
-_SCHEDULE = {"id": int, "every": int, "raw": bool, "k": int, "tol": float, "secant": bool, "live": bool, "hvp": str}
+_SCHEDULE = {
+    "id": int, "every": int, "raw": bool, "k": int, "tol": float, "secant": bool, "live": bool, "hvp": str,
+    "directional": str, "directional_every": int,
+}
 #: optional schedule fields and their values when a checkpoint predates them
-_SCHEDULE_DEFAULTS = {"secant": False, "live": False, "hvp": "auto"}
+_SCHEDULE_DEFAULTS = {"secant": False, "live": False, "hvp": "auto", "directional": None, "directional_every": 1}
 
 
 def check_monitor_state(state: Any) -> tuple[list[dict[str, Any]], int]:
@@ -234,15 +237,17 @@ def check_monitor_state(state: Any) -> tuple[list[dict[str, Any]], int]:
             kind = _SCHEDULE[key]
             if kind is str:
                 from .backends import HVP_OPTIONS
+                from .directional import DIRECTIONS
 
-                if value not in HVP_OPTIONS:
-                    raise bad(f"schedule field {key} must be one of {HVP_OPTIONS}, got {str(value)[:40]!r}")
+                allowed = HVP_OPTIONS if key == "hvp" else (None, *DIRECTIONS)
+                if value not in allowed:
+                    raise bad(f"schedule field {key} must be one of {allowed}, got {str(value)[:40]!r}")
                 continue
             ok = isinstance(value, bool) if kind is bool else (
                 not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int))
             if not ok:
                 raise bad(f"schedule field {key} must be {kind.__name__}, got {value!r}")
-        if s["id"] < 0 or s["every"] < 1 or s["k"] < 1 or not 0.0 < s["tol"] < 1.0:
+        if s["id"] < 0 or s["every"] < 1 or s["k"] < 1 or not 0.0 < s["tol"] < 1.0 or s.get("directional_every", 1) < 1:
             raise bad(f"schedule out of range (id >= 0, every >= 1, k >= 1, 0 < tol < 1): {dict(s)}")
         # in the order Monitor.schedule() writes, so a loaded state dict gives itself back
         schedules.append({key: s[key] if key in s else _SCHEDULE_DEFAULTS[key] for key in _SCHEDULE})

@@ -20,7 +20,7 @@ import numpy as np
 from ._text import quoted
 
 __all__ = [
-    "DYNAMIC_PREFIXES", "EVENT_COLUMNS", "HVP_BACKEND_CODES", "MAX_REASON_CHARS", "MEASUREMENT_COLUMNS",
+    "DIRECTIONAL_COLUMNS", "DIRECTIONAL_KINDS", "DYNAMIC_PREFIXES", "EVENT_COLUMNS", "OPTIONAL_TABLES", "HVP_BACKEND_CODES", "MAX_REASON_CHARS", "MEASUREMENT_COLUMNS",
     "OPTIONAL_COLUMNS", "SCHEMA_VERSION",
     "SECANT_COLUMNS", "TABLES", "Tables", "check_columns", "check_layout", "check_row", "column_type",
     "dynamic_order", "table_of", "tables_from_state", "typed",
@@ -45,11 +45,19 @@ OPTIONAL_COLUMNS: dict[str, float] = {"hvp_backend": -1}
 #: prefixes of the per-group / per-eigenvalue measurement columns (all float64)
 DYNAMIC_PREFIXES = ("lr_", "threshold_", "eig_")
 SECANT_COLUMNS: dict[str, str] = {"secant_step": "q", "secant": "d", "secant_ratio": "d"}
+DIRECTIONAL_COLUMNS: dict[str, str] = {
+    "directional_step": "q", "directional": "d", "directional_ratio": "d", "directional_hvps": "q", "directional_kind": "q",
+}
+#: ``directional_kind`` i is the direction DIRECTIONAL_KINDS[i]
+DIRECTIONAL_KINDS = ("update", "gradient", "explicit")
+#: tables a file may lack altogether (written before they existed, or empty: left out so that a
+#: run without directional measurements writes what older versions read)
+OPTIONAL_TABLES = ("directional",)
 EVENT_COLUMNS: dict[str, str] = {
     "event_step": "q", "event_group": "q", "event_old_factor": "d", "event_new_factor": "d", "event_ratio": "d",
 }
-TABLES = {"measurements": MEASUREMENT_COLUMNS, "secant": SECANT_COLUMNS, "events": EVENT_COLUMNS}
-_FIXED = {**MEASUREMENT_COLUMNS, **SECANT_COLUMNS, **EVENT_COLUMNS}
+TABLES = {"measurements": MEASUREMENT_COLUMNS, "secant": SECANT_COLUMNS, "events": EVENT_COLUMNS, "directional": DIRECTIONAL_COLUMNS}
+_FIXED = {**MEASUREMENT_COLUMNS, **SECANT_COLUMNS, **EVENT_COLUMNS, **DIRECTIONAL_COLUMNS}
 _DYNAMIC = re.compile(r"(lr|threshold|eig)_(0|[1-9][0-9]{0,4})\Z")
 _NUMPY = {"q": "int64", "d": "float64", "b": "bool"}
 _NP = {"q": np.int64, "d": np.float64, "b": np.bool_}
@@ -62,6 +70,9 @@ RULES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "step": (0, None, True, True),
     "secant_step": (0, None, True, True),
     "event_step": (0, None, True, True),
+    "directional_step": (0, None, True, True),
+    "directional_hvps": (0, _COUNT - 1, False, True),
+    "directional_kind": (0, len(DIRECTIONAL_KINDS) - 1, False, True),
     "hvps": (0, _COUNT - 1, False, True),
     "monitor": (-1, _COUNT - 1, False, True),
     "hvp_backend": (-1, len(HVP_BACKEND_CODES) - 1, False, True),
@@ -91,6 +102,8 @@ def table_of(name: str) -> str:
         return "secant"
     if name in EVENT_COLUMNS:
         return "events"
+    if name in DIRECTIONAL_COLUMNS:
+        return "directional"
     return "measurements"
 
 
@@ -172,6 +185,8 @@ def check_layout(layout: Mapping[str, tuple[str, tuple[int, ...]]], bad: Callabl
             numbered[DYNAMIC_PREFIXES[order[0]]].append(order[1])
     for table, fixed in TABLES.items():
         missing = [n for n in fixed if n not in layout and n not in OPTIONAL_COLUMNS]
+        if table in OPTIONAL_TABLES and len(missing) == len(fixed):
+            continue  # the whole table left out
         if missing:
             raise bad(f"stableopt history without the column(s) {missing}")
     for prefix, indices in numbered.items():
@@ -219,7 +234,7 @@ class Tables:
             if name not in columns:
                 tc = TABLES[table_of(name)][name]
                 tables.cols[table_of(name)][name] = array(tc, [typed(tc, value)]) * int(rows.get(table_of(name), 0))
-        tables.rows = dict(rows)
+        tables.rows = {table: int(rows.get(table, 0)) for table in TABLES}  # absent: an empty table
         tables.reasons = list(reasons)
         return tables
 

@@ -36,6 +36,8 @@ from .rules import ADAM_TRANSIENT  # noqa: F401 - re-exported (it lived here bef
 __all__ = ["GuardEvent", "LRGuard"]
 
 _MODES = ("protect", "edge")
+#: what a guard reacts to: the edge ratio of λ_max measurements, or the directional ratio
+SIGNALS = ("ratio", "directional")
 
 
 def _check_positive(name: str, value: Any) -> float:
@@ -127,6 +129,17 @@ class LRGuard:
     ``opt.effective_lr()`` is scheduler lr × factor. Since the measured ratio already uses the
     effective lr, a scheduler decay that moves the run away from the edge shows up as a low ratio.
 
+    **Signal.** ``signal="ratio"`` (default) reacts to the edge ratio of λ_max measurements
+    (``opt.sharpness``, monitors, its own). ``signal="directional"`` reacts instead to the
+    directional ratio uᵀHu / Σ_g τ_g·u_gᵀP_gu_g of ``opt.directional_sharpness`` (a monitor with
+    ``directional="update"`` or ``"gradient"``, or manual calls) and ignores λ_max
+    measurements; the levels (``trigger``, ``target``, ``recovery``) mean the same, 1 = the
+    edge. The directional ratio is a lower bound on the edge ratio (:mod:`stableopt.directional`),
+    so a trigger fires on it no earlier than on the ratio, and a cut by ``target/ρ`` may leave the
+    true ratio above ``target``; it costs one product per measurement instead of 10–20 and with
+    mini-batches it is noisy. The guard's own measurements (``every``) are λ_max measurements, so
+    ``signal="directional"`` takes its measurements from a monitor instead.
+
     **Own measurements.** With ``every=N`` the guard measures after every N-th ``step()`` (a
     torch step post-hook); it needs the loss: ``opt.guard.attach(loss_fn)`` (or pass
     ``loss_fn=`` here). Without ``every`` it only reacts to measurements that something else
@@ -146,6 +159,7 @@ class LRGuard:
             ``mode="edge"``.
         warmup: ignore measurements taken before this step (default: Adam's transient, above).
         every: measure after every ``every``-th step (None: only react to others' measurements).
+        signal: ``"ratio"`` (default) or ``"directional"`` (see **Signal** above).
         loss_fn: passed to ``opt.sharpness`` for the guard's own measurements (see :meth:`attach`).
         batches: likewise.
         tol: likewise; defaults to 1e-2, not ``sharpness``'s 1e-3: the policy compares the
@@ -186,7 +200,19 @@ class LRGuard:
         tol: float = 1e-2,
         max_iters: int | None = None,
         hvp: str = "auto",
+        signal: str = "ratio",
     ) -> None:
+        if not isinstance(signal, str):
+            raise TypeError(f"LRGuard: signal must be one of {SIGNALS}, got {type(signal).__name__}")
+        if signal not in SIGNALS:
+            raise ValueError(f"LRGuard: signal must be one of {SIGNALS}, got {signal!r}")
+        if signal == "directional" and every is not None:
+            raise ValueError(
+                "LRGuard: signal='directional' reacts to directional measurements, and the guard's own "
+                "(every=) are λ_max measurements; drop every= and add opt.monitor(loss_fn, every=N, "
+                "directional='update') (or 'gradient')"
+            )
+        self.signal = signal
         if mode not in _MODES:
             raise ValueError(f"LRGuard: mode must be one of {_MODES}, got {mode!r}")
         edge = mode == "edge"
@@ -247,7 +273,10 @@ class LRGuard:
         if not hasattr(optimizer, "register_measurement_hook"):
             raise TypeError(f"LRGuard needs a stableopt optimizer (stableopt.Adam, ...), got {type(optimizer).__name__}")
         self._optimizer = optimizer
-        self._handles.append(optimizer.register_measurement_hook(self._on_measurement))
+        if self.signal == "directional":
+            self._handles.append(optimizer.register_directional_hook(self._on_measurement))
+        else:
+            self._handles.append(optimizer.register_measurement_hook(self._on_measurement))
         self._handles.append(optimizer.register_step_pre_hook(self._before_step))
         optimizer._stableopt_components["guard"] = self
         if self.every is not None:
@@ -330,7 +359,7 @@ class LRGuard:
         return max((rule.transient_steps(g) for g in opt.param_groups), default=0)
 
     def _on_measurement(self, optimizer: Any, report: Any) -> None:
-        self.observe(report.ratio, step=report.step, converged=report.converged)
+        self.observe(report.ratio, step=report.step, converged=getattr(report, "converged", True))
 
     def observe(self, ratio: float, *, step: int, converged: bool = True) -> list[GuardEvent]:
         """Apply the policy to one measured ratio; returns the events it caused (maybe none).
@@ -439,7 +468,7 @@ class LRGuard:
 
     def __repr__(self) -> str:
         return (
-            f"LRGuard(mode={self.mode!r}, trigger={self.trigger}, target={self.target}, recovery={self.recovery}, "
+            f"LRGuard(mode={self.mode!r}, signal={self.signal!r}, trigger={self.trigger}, target={self.target}, recovery={self.recovery}, "
             f"patience={self.patience}, relax_rate={self.relax_rate}, floor={self.floor}, cap={self.cap}, "
             f"every={self.every}, factors={[round(f, 4) for f in self.factors]})"
         )

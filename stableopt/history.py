@@ -14,6 +14,10 @@
 * secant (one row per step while a monitor with ``secant=True`` is attached): ``secant_step``,
   ``secant`` (the estimate Δθᵀ(g_t − g_{t−1}) / ΔθᵀPΔθ) and ``secant_ratio`` (the same over
   Σ τ_g·Δθ_gᵀP_gΔθ_g, so 1 = the edge);
+* directional (one row per ``opt.directional_sharpness()`` call, manual or by a monitor with
+  ``directional=``): ``directional_step``, ``directional`` (uᵀHu/uᵀPu), ``directional_ratio``
+  (the same over Σ τ_g·u_gᵀP_gu_g), ``directional_hvps`` and ``directional_kind`` (the index of
+  the direction in :data:`DIRECTIONAL_KINDS`); see :mod:`stableopt.directional`;
 * events (guard actions): ``event_step``, ``event_group``, ``event_old_factor``,
   ``event_new_factor``, ``event_ratio`` and a reason string each.
 
@@ -43,7 +47,7 @@ import numpy as np
 from . import _history_file
 from ._columns import (  # noqa: F401 - the column tables are part of this module's API
     DYNAMIC_PREFIXES, EVENT_COLUMNS, HVP_BACKEND_CODES, MAX_REASON_CHARS, MEASUREMENT_COLUMNS, SCHEMA_VERSION,
-    SECANT_COLUMNS, TABLES, Tables, check_row, dynamic_order, is_dynamic, table_of, tables_from_state, typed,
+    SECANT_COLUMNS, TABLES, Tables, DIRECTIONAL_COLUMNS, DIRECTIONAL_KINDS, OPTIONAL_COLUMNS, OPTIONAL_TABLES, check_row, dynamic_order, is_dynamic, table_of, tables_from_state, typed,
 )
 from ._history_file import FORMAT
 
@@ -117,7 +121,8 @@ class History:
             if name not in cols and (table != "measurements" or not is_dynamic(name)):
                 raise KeyError(f"unknown {table} column {name!r}")
         for name in [*cols, *(k for k in row if k not in cols)]:
-            value = typed(cols[name].typecode if name in cols else "d", row.get(name, math.nan))
+            default = OPTIONAL_COLUMNS.get(name, math.nan)  # a column a caller may leave out
+            value = typed(cols[name].typecode if name in cols else "d", row.get(name, default))
             previous = cols[name][n - 1] if n and name in cols else None
             problem = check_row(name, value, previous)
             if problem is not None:
@@ -177,6 +182,11 @@ class History:
     def append_secant(self, step: int, secant: float, ratio: float) -> None:
         """Record the per-step secant curvature estimate (see :mod:`stableopt.monitor`)."""
         self._append("secant", {"secant_step": step, "secant": secant, "secant_ratio": ratio})
+
+    def append_directional(self, step: int, value: float, ratio: float, hvps: int, direction: str) -> None:
+        """Record a directional sharpness (see :mod:`stableopt.directional`)."""
+        kind = DIRECTIONAL_KINDS.index(direction)
+        self._append("directional", {"directional_step": step, "directional": value, "directional_ratio": ratio, "directional_hvps": hvps, "directional_kind": kind})
 
     def append_event(self, step: int, group: int, old_factor: float, new_factor: float, ratio: float, reason: str) -> None:
         """Record a guard action: group ``group``'s lr factor ``old_factor`` → ``new_factor``."""
@@ -245,6 +255,15 @@ class History:
     def to_dict(self, table: str = "measurements") -> dict[str, np.ndarray]:
         """``{column: array}`` of one table, all the same length (``pandas.DataFrame(...)``)."""
         return {name: self.column(name) for name in self.columns(table)}
+
+    def directional(self, direction: str | None = None) -> dict[str, np.ndarray]:
+        """The directional measurements (of one ``direction`` only, if given): the columns of
+        the ``directional`` table."""
+        cols = self.to_dict("directional")
+        if direction is None:
+            return cols
+        keep = cols["directional_kind"] == DIRECTIONAL_KINDS.index(direction)
+        return {name: values[keep] for name, values in cols.items()}
 
     def secant(self) -> dict[str, np.ndarray]:
         """The per-step secant estimates: ``{"secant_step", "secant", "secant_ratio"}``."""
@@ -326,6 +345,11 @@ class History:
         return value if isinstance(value, list) else []
 
     # -- files ---------------------------------------------------------------------------------
+    def _stored_tables(self) -> tuple[str, ...]:
+        """The tables files and state dicts hold: an empty directional table is left out, so
+        that a run without directional measurements writes what older versions read."""
+        return tuple(t for t in _TABLES if t not in OPTIONAL_TABLES or self._t.rows[t])
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a safetensors file: one contiguous 1-D tensor per column, string metadata.
 
@@ -339,7 +363,7 @@ class History:
                 file, or its directory does not exist (nothing written).
             OSError: the write failed (the old file is intact).
         """
-        columns = {name: self.column(name) for t in _TABLES for name in self.columns(t)}
+        columns = {name: self.column(name) for t in self._stored_tables() for name in self.columns(t)}
         _history_file.write(path, columns, self.describe())
 
     @classmethod
@@ -355,7 +379,7 @@ class History:
         """
         columns, metadata, reasons = _history_file.read(path)
         history = cls()
-        rows = {t: len(columns[next(iter(TABLES[t]))]) for t in _TABLES}
+        rows = {t: len(columns.get(next(iter(TABLES[t])), ())) for t in _TABLES}
         history._t = Tables.of(columns, rows, reasons)
         history._clock_offset = _history_file.elapsed_of(metadata, columns)
         history._clock = None  # a file's clock stands still
@@ -370,7 +394,7 @@ class History:
 
         return {
             "schema": SCHEMA_VERSION,
-            "columns": {name: torch.from_numpy(self.column(name)) for t in _TABLES for name in self.columns(t)},
+            "columns": {name: torch.from_numpy(self.column(name)) for t in self._stored_tables() for name in self.columns(t)},
             "event_reasons": list(self._event_reasons()),
         }
 

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ._state import grad_disabled
 from .backends import check_backend
+from .directional import DIRECTIONS, update_tracker
 
 __all__ = ["Monitor", "MonitorSet", "SecantTracker", "plain_line", "zone"]
 
@@ -186,12 +187,14 @@ class Monitor:
     Attributes:
         every, raw, k, tol, secant, live: the schedule and its options.
         log: ``fn(metrics, step)`` called after each measurement (:mod:`stableopt.loggers`), or None.
+        directional, directional_every: the direction of the directional measurement
+            (``"update"``, ``"gradient"`` or None) and its schedule.
         id: the value of the history's ``monitor`` column for its measurements.
         last: the latest :class:`~stableopt.SharpnessReport` it took (None before).
         fired: the step counts it measured at.
     """
 
-    def __init__(self, owner: MonitorSet, monitor_id: int, loss_fn: Callable[..., Tensor], *, every: int, batches: Iterable[Any] | None, raw: bool, k: int, tol: float, max_iters: int | None, live: bool, secant: bool, hvp: str = "auto", log: Callable[[dict[str, float], int], Any] | None = None) -> None:
+    def __init__(self, owner: MonitorSet, monitor_id: int, loss_fn: Callable[..., Tensor], *, every: int, batches: Iterable[Any] | None, raw: bool, k: int, tol: float, max_iters: int | None, live: bool, secant: bool, hvp: str = "auto", log: Callable[[dict[str, float], int], Any] | None = None, directional: str | None = None, directional_every: int = 1) -> None:
         self._owner = owner
         self.id = monitor_id
         self.loss_fn = loss_fn
@@ -205,17 +208,26 @@ class Monitor:
         self.secant = secant
         self.hvp = hvp
         self.log = log
+        self.directional = directional
+        self.directional_every = directional_every
         self.last: Any = None
         self.fired: list[int] = []
         self._attached = True
         owner._attach(self)
+        if directional == "update":  # θ_{t−1} is kept only while a monitor needs it
+            self._tracking = update_tracker(owner.optimizer).acquire()
 
     @property
     def active(self) -> bool:
         return self.id in self._owner.monitors
 
     def schedule(self) -> dict[str, Any]:
-        return {"id": self.id, "every": self.every, "raw": self.raw, "k": self.k, "tol": self.tol, "secant": self.secant, "live": self.live, "hvp": self.hvp}
+        return {"id": self.id, "every": self.every, "raw": self.raw, "k": self.k, "tol": self.tol, "secant": self.secant, "live": self.live,
+                "hvp": self.hvp, "directional": self.directional, "directional_every": self.directional_every}
+
+    def measure_directional(self) -> Any:
+        """Measure the directional sharpness now (recorded in the history's directional table)."""
+        return self._owner.optimizer.directional_sharpness(self.loss_fn, self.directional, batches=self.batches, hvp=self.hvp)
 
     def measure(self) -> Any:
         """Measure now (what the schedule does after every ``every``-th step)."""
@@ -248,6 +260,8 @@ class Monitor:
         if not self._attached:
             return
         self._attached = False
+        if self.directional == "update":
+            self._tracking.remove()
         self._owner._removed(self)
 
     def __enter__(self) -> Monitor:
@@ -291,7 +305,7 @@ class MonitorSet:
             self._view = _LiveView(self.optimizer.history, self.console)
         return self._view
 
-    def add(self, loss_fn: Callable[..., Tensor], *, every: int | None = None, batches: Iterable[Any] | None = None, raw: bool | None = None, k: int | None = None, tol: float | None = None, max_iters: int | None = None, live: bool = False, secant: bool | None = None, console: Any = None, hvp: str | None = None, log: Callable[[dict[str, float], int], Any] | None = None) -> Monitor:
+    def add(self, loss_fn: Callable[..., Tensor], *, every: int | None = None, batches: Iterable[Any] | None = None, raw: bool | None = None, k: int | None = None, tol: float | None = None, max_iters: int | None = None, live: bool = False, secant: bool | None = None, console: Any = None, hvp: str | None = None, log: Callable[[dict[str, float], int], Any] | None = None, directional: str | None = None, directional_every: int | None = None) -> Monitor:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if hvp is not None:
@@ -309,6 +323,8 @@ class MonitorSet:
                 secant = bool(schedule.get("secant", False))
             if hvp is None:
                 hvp = str(schedule.get("hvp", "auto"))
+            if directional is None and directional_every is None:
+                directional, directional_every = schedule.get("directional"), schedule.get("directional_every")
             if schedule.get("id") not in self.monitors:
                 monitor_id = int(schedule.get("id", monitor_id))
         opts = {key: base[key] if value is None else value for key, value in given.items()}
@@ -319,12 +335,15 @@ class MonitorSet:
         tol_value = opts["tol"]
         if isinstance(tol_value, bool) or not isinstance(tol_value, (int, float)) or not 0.0 < tol_value < 1.0:
             raise ValueError(f"tol must be a number in (0, 1), got {tol_value!r}")
+        if directional is not None and directional not in DIRECTIONS:
+            raise ValueError(f"directional must be one of {DIRECTIONS} or None, got {directional!r}")
+        directional_every = _check_positive_int("directional_every", 1 if directional_every is None else directional_every)
         if console is not None:
             if self._view is not None and self._view.console is not console:
                 self._view.stop()
                 self._view = None
             self.console = console
-        monitor = Monitor(self, monitor_id, loss_fn, batches=batches, max_iters=max_iters, live=bool(live), secant=bool(secant), hvp=hvp or "auto", log=log, **opts)
+        monitor = Monitor(self, monitor_id, loss_fn, batches=batches, max_iters=max_iters, live=bool(live), secant=bool(secant), hvp=hvp or "auto", log=log, directional=directional, directional_every=directional_every, **opts)
         self.monitors[monitor.id] = monitor
         self._next_id = max(self._next_id, monitor_id + 1)
         return monitor
@@ -352,6 +371,8 @@ class MonitorSet:
             for monitor in list(self.monitors.values()):
                 if monitor.active and step % monitor.every == 0:
                     monitor.measure()
+                if monitor.active and monitor.directional is not None and step % monitor.directional_every == 0:
+                    monitor.measure_directional()
         finally:
             self._dispatching = False
 

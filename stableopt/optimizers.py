@@ -19,6 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import _checkpoint
 from . import rules as _rules
+from . import directional as _directional
 from .backends import BackendChoice, check_backend
 from .guard import LRGuard
 from .operator import Measurement, measure
@@ -161,6 +162,8 @@ class StabilityMixin:
 
         self._stableopt_history = History(self)
         self.register_measurement_hook(self._stableopt_history.record)
+        self._stableopt_directional_hooks: OrderedDict[int, Callable[[Any, Any], None]] = OrderedDict()
+        self.register_directional_hook(_directional.record_directional)
         self._stableopt_components["history"] = self._stableopt_history
         self._stableopt_components["monitors"] = MonitorSet(self)
 
@@ -218,6 +221,13 @@ class StabilityMixin:
         """
         handle = RemovableHandle(self._stableopt_measurement_hooks)
         self._stableopt_measurement_hooks[handle.id] = hook
+        return handle
+
+    def register_directional_hook(self, hook: Callable[[Any, Any], None]) -> RemovableHandle:
+        """Call ``hook(optimizer, report)`` after every ``directional_sharpness()`` measurement
+        (the history and a guard with ``signal="directional"`` listen here). Returns a handle."""
+        handle = RemovableHandle(self._stableopt_directional_hooks)
+        self._stableopt_directional_hooks[handle.id] = hook
         return handle
 
     def state_dict(self) -> dict[str, Any]:
@@ -278,6 +288,8 @@ class StabilityMixin:
         console: Any = None,
         hvp: str | None = None,
         log: Callable[[dict[str, float], int], Any] | None = None,
+        directional: str | None = None,
+        directional_every: int | None = None,
     ) -> Any:
         """Measure ``sharpness(loss_fn, ...)`` after every ``every``-th ``step()``.
 
@@ -289,6 +301,9 @@ class StabilityMixin:
         ``hvp`` is the Hessian-vector-product backend of its measurements (default
         ``"auto"`` or the checkpoint's, see :meth:`sharpness`).
         ``log=fn`` calls ``fn(metrics, step)`` after each measurement (:mod:`stableopt.loggers`).
+        ``directional="update"`` or ``"gradient"`` also measures :meth:`directional_sharpness`
+        (one product) after every ``directional_every``-th step (default 1), into the history's
+        ``directional`` table.
 
         Returns:
             A :class:`stableopt.monitor.Monitor` handle with ``.remove()``.
@@ -296,6 +311,7 @@ class StabilityMixin:
         return self._stableopt_components["monitors"].add(
             loss_fn, every=every, batches=batches, raw=raw, k=k, tol=tol, max_iters=max_iters,
             live=live, secant=secant, console=console, hvp=hvp, log=log,
+            directional=directional, directional_every=directional_every,
         )
 
     def report(self, console: Any = None) -> None:
@@ -400,6 +416,55 @@ class StabilityMixin:
             tensor([2., 0.])
         """
         return measure(loss_fn, self._sharpness_groups(), batches=batches, hvp=check_backend(hvp), choice=self._stableopt_backend)
+
+    def track_updates(self) -> Any:
+        """Keep θ_{t−1} from now on, so that ``directional_sharpness(direction="update")`` can
+        measure along θ_t − θ_{t−1}: one copy of the parameters, refreshed by a step pre-hook.
+
+        Returns a handle; ``handle.remove()`` (or leaving ``with opt.track_updates():``) stops
+        it (the copy is freed when no monitor or handle needs it any more).
+        """
+        return _directional.update_tracker(self).acquire()
+
+    def directional_sharpness(
+        self, loss_fn: Callable[..., Tensor], direction: Any = "update", *, batches: Iterable[Any] | None = None, hvp: str = "auto",
+    ) -> _directional.DirectionalReport:
+        """The curvature of P⁻¹H along one direction u, with one Hessian-vector product.
+
+        value = uᵀHu / uᵀPu (H with this optimizer's sign and coupled decay, P its
+        preconditioner) and ratio = uᵀHu / Σ_g τ_g·u_gᵀP_gu_g (1 = the edge). It is a Rayleigh
+        quotient of P^{-1/2}HP^{-1/2}, so a **lower bound** on λ_max(P⁻¹H) (and the ratio on
+        the edge ratio of :meth:`sharpness`), tight when u is along the top eigenvector. Bai et
+        al. 2025 (arXiv:2506.04805) report that the curvature along the preconditioned gradient
+        crossing the threshold precedes Adam's loss spikes; with mini-batches u is the batch's
+        update or gradient and the value is noisy (see :mod:`stableopt.directional`).
+
+        Args:
+            loss_fn: as for :meth:`sharpness`.
+            direction: ``"update"`` (θ_t − θ_{t−1} of the last step; needs
+                :meth:`track_updates` or a monitor with ``directional="update"`` active before
+                that step), ``"gradient"`` (u = P⁻¹(s·g + λθ) from the current ``.grad``) or a
+                list with one tensor per parameter of ``param_groups`` (None: zero), shaped
+                like it.
+            batches, hvp: as for :meth:`sharpness`.
+
+        Returns:
+            A :class:`stableopt.DirectionalReport`, also recorded in :attr:`history`. A zero
+            direction gives NaN values, ``hvps=0`` and a ``RuntimeWarning``.
+
+        Raises:
+            RuntimeError: ``"update"`` without tracking, ``"gradient"`` without gradients, an
+                adaptive optimizer before its first ``step()``.
+            ValueError / TypeError: an unknown direction name, wrong count, shapes or types.
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+            >>> loss_fn = lambda: 0.5 * (4.0 * w[0] ** 2 + w[1] ** 2)
+            >>> opt = SGD([w], lr=0.1)
+            >>> round(opt.directional_sharpness(loss_fn, [torch.tensor([1.0, 0.0])]).ratio, 6)
+            0.2
+        """
+        return _directional.optimizer_directional_sharpness(self, loss_fn, direction, batches=batches, hvp=hvp)
 
     def sharpness(
         self,

@@ -16,6 +16,7 @@ import numpy as np
 
 from ._atomic import atomic_write
 from ._text import literal
+from .directional_view import plot_directional
 
 __all__ = ["plot_history"]
 
@@ -83,6 +84,7 @@ def _plot(history: Any, path: str, title: str | None, dpi: int) -> Any:
     sec = history.secant()
     if len(sec["secant"]):
         ax.plot(sec["secant_step"], sec["secant"], color="C0", alpha=0.25, lw=0.6, label="secant estimate (lower bound)")
+    plot_directional(history, ax)
     ok = np.isfinite(cols["preconditioned"])
     top = np.nanmax(np.concatenate([cols["preconditioned"][ok], cols["threshold"][np.isfinite(cols["threshold"])]])) if ok.any() else 1.0
     ax.set_ylim(0, 1.15 * top)

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._text import literal, text
+from .directional_view import add_directional_rows
 from .monitor import ABOVE, BELOW, zone
 
 __all__ = ["print_report", "render_report", "render_saved", "sparkline", "terminal_chart", "trend"]
@@ -208,6 +209,7 @@ def render_report(history: Any, *, title: str | Text | None = None, spark_width:
                 ("\na lower bound; meaningful for full-batch training only", "dim"),
             ),
         )
+    add_directional_rows(grid, history)
     events = history.events()
     if events:
         lines = Text()

@@ -131,6 +131,15 @@ def _scenarios(rank: int) -> None:
     assert math.isclose(rep_b.loss, ref_b.loss, rel_tol=1e-9)
     assert not math.isclose(local.preconditioned, ref.preconditioned, rel_tol=1e-3)
 
+    # --- directional sharpness: one all-reduced product, the union's value on every rank ------
+    directional = opt.directional_sharpness(loss_fn, "gradient")  # .grad: DDP's averaged gradient
+    assert _gather((directional.value, directional.ratio, directional.hvps, directional.seconds))[0] == (
+        directional.value, directional.ratio, 1, directional.seconds)
+    with stableopt.distributed.local():
+        directional_ref = ref_opt.directional_sharpness(lambda: mse(ddp.module(x_u), y_u), "gradient")
+    assert math.isclose(directional.value, directional_ref.value, rel_tol=1e-9)
+    assert math.isclose(directional.ratio, directional_ref.ratio, rel_tol=1e-9)
+
     # --- ranks that disagree get the same clear error, and stay in step --------------------
     with pytest.raises(RuntimeError, match="ranks disagree on k"):
         opt.sharpness(loss_fn, k=1 + rank)

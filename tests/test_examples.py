@@ -28,6 +28,7 @@ OUTPUTS = {
     "minibatch.py": ["minibatch_25.safetensors", "minibatch_1000.safetensors", "minibatch.png"],
     "frozen_preconditioner.py": ["frozen_preconditioner_adam.safetensors", "frozen_preconditioner_frozen.safetensors", "frozen_preconditioner.png"],
     "guard.py": ["guard_lr0.1.safetensors"],
+    "spike_predictor.py": ["spike_predictor.safetensors", "spike_predictor.png"],
     "ddp.py": ["ddp.safetensors"],  # spawns 2 gloo processes itself without torchrun
 }
 
