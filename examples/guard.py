@@ -96,8 +96,8 @@ def _spike(value: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 learning rates, 100 steps (a few seconds)")
-    parser.add_argument("--steps", type=int, default=None, help="full-batch steps per run (default 600, quick 100)")
+    parser.add_argument("--quick", action="store_true", help="2 learning rates, 200 steps (a few seconds)")
+    parser.add_argument("--steps", type=int, default=None, help="full-batch steps per run (default 600, quick 200)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="learning rates to sweep")
     parser.add_argument("--every", type=int, default=5, help="guard measures every N steps (default 5)")
     parser.add_argument("--trigger", type=float, default=None, help="LRGuard trigger (default: LRGuard's)")
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    steps = args.steps or (100 if args.quick else 600)
+    steps = args.steps or (200 if args.quick else 600)
     lrs = args.lrs or ([1e-3, 1e-1] if args.quick else [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1])
     guard_kwargs: dict = {"every": args.every}
     if args.trigger is not None:

@@ -8,6 +8,10 @@ ratio to the stability threshold of the update rule (Cohen et al. 2022, arXiv:22
 from . import distributed, loggers, rules
 from .backends import BACKENDS, BackendChoice
 from .directional import DirectionalReport, directional_curvature, estimate_directional_sharpness
+from .blocks import BlockSharpness
+from .density import DensityReport
+from .density_plot import plot_density
+from .estimators import estimate_density, estimate_trace
 from .eigen import LanczosResult, lanczos
 from .finite_difference import make_fd_hvp
 from .forward_ad import ForwardADError, make_forward_hvp
@@ -16,13 +20,15 @@ from .history import GuardEvent, History
 from .hvp import DoubleBackwardError, hessian_vector_product, make_hvp
 from .linear_operator import DenseOperator, LinearOperator
 from .monitor import Monitor
-from .operator import CurvatureOperator, MeasuredGroup, Measurement, measure
+from .operator import BlockOperator, CurvatureOperator, MeasuredGroup, Measurement, measure
 from .optimizers import SGD, Adam, AdamW, RMSprop, StabilityMixin
 from .rules import StabilityRule
 from .space import ParameterSpace
 from .plot import plot_history
 from .report import render_report
 from .sharpness import SharpnessGroup, SharpnessReport, estimate_sharpness
+from .trace import TraceReport
+from .tracking import Tracker
 from .thresholds import (
     adam_threshold,
     gd_threshold,
@@ -40,9 +46,12 @@ __all__ = [
     "Adam",
     "AdamW",
     "BackendChoice",
+    "BlockOperator",
+    "BlockSharpness",
     "CurvatureOperator",
     "DenseOperator",
     "DirectionalReport",
+    "DensityReport",
     "DoubleBackwardError",
     "ForwardADError",
     "GuardEvent",
@@ -59,12 +68,16 @@ __all__ = [
     "SharpnessReport",
     "StabilityMixin",
     "StabilityRule",
+    "TraceReport",
+    "Tracker",
     "__version__",
     "adam_threshold",
     "directional_curvature",
     "distributed",
     "estimate_directional_sharpness",
+    "estimate_density",
     "estimate_sharpness",
+    "estimate_trace",
     "gd_threshold",
     "hessian_vector_product",
     "heavy_ball_threshold",
@@ -75,6 +88,7 @@ __all__ = [
     "make_hvp",
     "measure",
     "nesterov_threshold",
+    "plot_density",
     "plot_history",
     "render_report",
     "rmsprop_threshold",

@@ -209,10 +209,10 @@ def check_guard_state(state: Any) -> dict[str, Any]:
 
 _SCHEDULE = {
     "id": int, "every": int, "raw": bool, "k": int, "tol": float, "secant": bool, "live": bool, "hvp": str,
-    "directional": str, "directional_every": int,
+    "directional": str, "directional_every": int, "budget": int,
 }
 #: optional schedule fields and their values when a checkpoint predates them
-_SCHEDULE_DEFAULTS = {"secant": False, "live": False, "hvp": "auto", "directional": None, "directional_every": 1}
+_SCHEDULE_DEFAULTS = {"secant": False, "live": False, "hvp": "auto", "directional": None, "directional_every": 1, "budget": None}
 
 
 def check_monitor_state(state: Any) -> tuple[list[dict[str, Any]], int]:
@@ -243,11 +243,13 @@ def check_monitor_state(state: Any) -> tuple[list[dict[str, Any]], int]:
                 if value not in allowed:
                     raise bad(f"schedule field {key} must be one of {allowed}, got {str(value)[:40]!r}")
                 continue
+            if key == "budget" and value is None:  # a monitor that solves (no tracking)
+                continue
             ok = isinstance(value, bool) if kind is bool else (
                 not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int))
             if not ok:
                 raise bad(f"schedule field {key} must be {kind.__name__}, got {value!r}")
-        if s["id"] < 0 or s["every"] < 1 or s["k"] < 1 or not 0.0 < s["tol"] < 1.0 or s.get("directional_every", 1) < 1:
+        if s["id"] < 0 or s["every"] < 1 or s["k"] < 1 or not 0.0 < s["tol"] < 1.0 or s.get("directional_every", 1) < 1 or (s.get("budget") is not None and s["budget"] < 1):
             raise bad(f"schedule out of range (id >= 0, every >= 1, k >= 1, 0 < tol < 1): {dict(s)}")
         # in the order Monitor.schedule() writes, so a loaded state dict gives itself back
         schedules.append({key: s[key] if key in s else _SCHEDULE_DEFAULTS[key] for key in _SCHEDULE})

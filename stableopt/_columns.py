@@ -2,9 +2,10 @@
 on ``save()`` and on every load (file or checkpoint) so that what saves also loads, and the
 storage (:class:`Tables`) that appends and loads all-or-nothing.
 
-A name is a fixed column of one of three tables or a per-group / per-eigenvalue measurement
+A name is a fixed column of one of the tables, a per-group / per-eigenvalue measurement
 column ``lr_<g>``, ``threshold_<g>``, ``eig_<i>`` (ASCII digits, no leading zero, numbered from 0
-without gaps). Values follow :data:`RULES`: steps are non-negative and never decrease, counts
+without gaps) or a per-block measurement column ``block_<stem>_lmax`` / ``block_<stem>_ratio``
+(a stem of ASCII letters, digits and underscores, :func:`stableopt.blocks.column_stems`). Values follow :data:`RULES`: steps are non-negative and never decrease, counts
 are bounded so that no sum of them overflows int64, times and guard factors are finite.
 """
 
@@ -20,9 +21,9 @@ import numpy as np
 from ._text import quoted
 
 __all__ = [
-    "DIRECTIONAL_COLUMNS", "DIRECTIONAL_KINDS", "DYNAMIC_PREFIXES", "EVENT_COLUMNS", "OPTIONAL_TABLES", "HVP_BACKEND_CODES", "MAX_REASON_CHARS", "MEASUREMENT_COLUMNS",
+    "BLOCK_COLUMN", "DIRECTIONAL_COLUMNS", "DIRECTIONAL_KINDS", "DYNAMIC_PREFIXES", "EVENT_COLUMNS", "OPTIONAL_TABLES", "HVP_BACKEND_CODES", "MAX_REASON_CHARS", "MEASUREMENT_COLUMNS",
     "OPTIONAL_COLUMNS", "SCHEMA_VERSION",
-    "SECANT_COLUMNS", "TABLES", "Tables", "check_columns", "check_layout", "check_row", "column_type",
+    "SECANT_COLUMNS", "TABLES", "TRACK_COLUMNS", "Tables", "check_columns", "check_layout", "check_row", "column_type",
     "dynamic_order", "table_of", "tables_from_state", "typed",
 ]
 
@@ -50,14 +51,21 @@ DIRECTIONAL_COLUMNS: dict[str, str] = {
 }
 #: ``directional_kind`` i is the direction DIRECTIONAL_KINDS[i]
 DIRECTIONAL_KINDS = ("update", "gradient", "explicit")
+#: the tracking table (one row per step of a monitor with ``budget=``, :mod:`stableopt.tracking`)
+TRACK_COLUMNS: dict[str, str] = {"track_step": "q", "track": "d", "track_ratio": "d", "track_residual": "d", "track_hvps": "q"}
+#: the per-block measurement columns (float64; NaN in rows measured without that block)
+BLOCK_COLUMN = re.compile(r"block_[A-Za-z0-9_]{1,60}_(lmax|ratio)\Z")
 #: tables a file may lack altogether (written before they existed, or empty: left out so that a
-#: run without directional measurements writes what older versions read)
-OPTIONAL_TABLES = ("directional",)
+#: run without directional or tracking measurements writes what older versions read)
+OPTIONAL_TABLES = ("directional", "tracking")
 EVENT_COLUMNS: dict[str, str] = {
     "event_step": "q", "event_group": "q", "event_old_factor": "d", "event_new_factor": "d", "event_ratio": "d",
 }
-TABLES = {"measurements": MEASUREMENT_COLUMNS, "secant": SECANT_COLUMNS, "events": EVENT_COLUMNS, "directional": DIRECTIONAL_COLUMNS}
-_FIXED = {**MEASUREMENT_COLUMNS, **SECANT_COLUMNS, **EVENT_COLUMNS, **DIRECTIONAL_COLUMNS}
+TABLES = {
+    "measurements": MEASUREMENT_COLUMNS, "secant": SECANT_COLUMNS, "events": EVENT_COLUMNS,
+    "directional": DIRECTIONAL_COLUMNS, "tracking": TRACK_COLUMNS,
+}
+_FIXED = {**MEASUREMENT_COLUMNS, **SECANT_COLUMNS, **EVENT_COLUMNS, **DIRECTIONAL_COLUMNS, **TRACK_COLUMNS}
 _DYNAMIC = re.compile(r"(lr|threshold|eig)_(0|[1-9][0-9]{0,4})\Z")
 _NUMPY = {"q": "int64", "d": "float64", "b": "bool"}
 _NP = {"q": np.int64, "d": np.float64, "b": np.bool_}
@@ -73,6 +81,8 @@ RULES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "directional_step": (0, None, True, True),
     "directional_hvps": (0, _COUNT - 1, False, True),
     "directional_kind": (0, len(DIRECTIONAL_KINDS) - 1, False, True),
+    "track_step": (0, None, True, True),
+    "track_hvps": (0, _COUNT - 1, False, True),
     "hvps": (0, _COUNT - 1, False, True),
     "monitor": (-1, _COUNT - 1, False, True),
     "hvp_backend": (-1, len(HVP_BACKEND_CODES) - 1, False, True),
@@ -86,7 +96,7 @@ RULES: dict[str, tuple[float | None, float | None, bool, bool]] = {
 
 
 def dynamic_order(name: str) -> tuple[int, int, str]:
-    """Sort key: fixed columns first, then lr_*, threshold_*, eig_* by number."""
+    """Sort key of the dynamic columns: lr_*, threshold_*, eig_* by number, then block_* by name."""
     match = _DYNAMIC.match(name)
     if match is None:
         return (len(DYNAMIC_PREFIXES), 0, name)
@@ -94,7 +104,7 @@ def dynamic_order(name: str) -> tuple[int, int, str]:
 
 
 def is_dynamic(name: str) -> bool:
-    return _DYNAMIC.match(name) is not None
+    return _DYNAMIC.match(name) is not None or BLOCK_COLUMN.match(name) is not None
 
 
 def table_of(name: str) -> str:
@@ -104,6 +114,8 @@ def table_of(name: str) -> str:
         return "events"
     if name in DIRECTIONAL_COLUMNS:
         return "directional"
+    if name in TRACK_COLUMNS:
+        return "tracking"
     return "measurements"
 
 

@@ -201,7 +201,8 @@ def estimate_directional_sharpness(
         batches: optional re-iterable of batches (batch-size-weighted mean Hessian).
         hvp: the Hessian-vector-product backend (:mod:`stableopt.backends`).
         choice: where ``hvp="auto"`` keeps its decision between calls.
-        step, label: recorded in the report (``label`` is its ``direction``).
+        step: recorded in the report.
+        label: recorded in the report as its ``direction``.
 
     Returns:
         A :class:`DirectionalReport`; parameters, ``.grad``, RNG streams and module buffers are

@@ -1,6 +1,6 @@
 """Every measurement an optimizer takes, as append-only columns that save to safetensors.
 
-``opt.history`` is a :class:`History`. It has three tables of 1-D columns:
+``opt.history`` is a :class:`History`. It has five tables of 1-D columns:
 
 * measurements (one row per ``opt.sharpness()`` call, manual or scheduled by a monitor):
   ``step``, ``loss`` (on the probe data), ``preconditioned`` (λ_max(P⁻¹H)), ``raw`` (λ_max(H),
@@ -10,7 +10,9 @@
   ``hvp_backend`` (the Hessian-vector-product backend, a code: 0 ``"autograd"``, 1 ``"fd"``,
   2 ``"forward"``, −1 not recorded; :meth:`History.hvp_backends` gives the names), and per
   param group ``lr_<g>`` (effective lr) and ``threshold_<g>``, and ``eig_<i>`` (the top-k
-  eigenvalues of P⁻¹H);
+  eigenvalues of P⁻¹H), and per block of a ``sharpness(blocks=...)`` call
+  ``block_<name>_lmax`` and ``block_<name>_ratio`` (names made safe by
+  :func:`stableopt.blocks.column_stems`; NaN in rows measured without that block);
 * secant (one row per step while a monitor with ``secant=True`` is attached): ``secant_step``,
   ``secant`` (the estimate Δθᵀ(g_t − g_{t−1}) / ΔθᵀPΔθ) and ``secant_ratio`` (the same over
   Σ τ_g·Δθ_gᵀP_gΔθ_g, so 1 = the edge);
@@ -18,6 +20,9 @@
   ``directional=``): ``directional_step``, ``directional`` (uᵀHu/uᵀPu), ``directional_ratio``
   (the same over Σ τ_g·u_gᵀP_gu_g), ``directional_hvps`` and ``directional_kind`` (the index of
   the direction in :data:`DIRECTIONAL_KINDS`); see :mod:`stableopt.directional`;
+* tracking (one row per step of a monitor with ``budget=``, :mod:`stableopt.tracking`):
+  ``track_step``, ``track`` (the tracked λ_max estimate), ``track_ratio``, ``track_residual``
+  (its relative residual bound) and ``track_hvps``;
 * events (guard actions): ``event_step``, ``event_group``, ``event_old_factor``,
   ``event_new_factor``, ``event_ratio`` and a reason string each.
 
@@ -47,7 +52,7 @@ import numpy as np
 from . import _history_file
 from ._columns import (  # noqa: F401 - the column tables are part of this module's API
     DYNAMIC_PREFIXES, EVENT_COLUMNS, HVP_BACKEND_CODES, MAX_REASON_CHARS, MEASUREMENT_COLUMNS, SCHEMA_VERSION,
-    SECANT_COLUMNS, TABLES, Tables, DIRECTIONAL_COLUMNS, DIRECTIONAL_KINDS, OPTIONAL_COLUMNS, OPTIONAL_TABLES, check_row, dynamic_order, is_dynamic, table_of, tables_from_state, typed,
+    SECANT_COLUMNS, TABLES, TRACK_COLUMNS, BLOCK_COLUMN, Tables, DIRECTIONAL_COLUMNS, DIRECTIONAL_KINDS, OPTIONAL_COLUMNS, OPTIONAL_TABLES, check_row, dynamic_order, is_dynamic, table_of, tables_from_state, typed,
 )
 from ._history_file import FORMAT
 
@@ -175,6 +180,9 @@ class History:
             row[f"threshold_{g}"] = tau
         for i, lam in enumerate(report.eigenvalues):
             row[f"eig_{i}"] = lam
+        for block in getattr(report, "blocks", {}).values():
+            row[f"block_{block.column}_lmax"] = block.preconditioned
+            row[f"block_{block.column}_ratio"] = block.ratio
         self._append("measurements", row)
 
     __call__ = record
@@ -187,6 +195,10 @@ class History:
         """Record a directional sharpness (see :mod:`stableopt.directional`)."""
         kind = DIRECTIONAL_KINDS.index(direction)
         self._append("directional", {"directional_step": step, "directional": value, "directional_ratio": ratio, "directional_hvps": hvps, "directional_kind": kind})
+
+    def append_track(self, step: int, value: float, ratio: float, residual: float, hvps: int) -> None:
+        """Record one step of a tracking monitor (``opt.monitor(..., budget=b)``)."""
+        self._append("tracking", {"track_step": step, "track": value, "track_ratio": ratio, "track_residual": residual, "track_hvps": hvps})
 
     def append_event(self, step: int, group: int, old_factor: float, new_factor: float, ratio: float, reason: str) -> None:
         """Record a guard action: group ``group``'s lr factor ``old_factor`` → ``new_factor``."""
@@ -264,6 +276,10 @@ class History:
             return cols
         keep = cols["directional_kind"] == DIRECTIONAL_KINDS.index(direction)
         return {name: values[keep] for name, values in cols.items()}
+
+    def tracking(self) -> dict[str, np.ndarray]:
+        """The tracked estimates: ``{"track_step", "track", "track_ratio", "track_residual", "track_hvps"}``."""
+        return self.to_dict("tracking")
 
     def secant(self) -> dict[str, np.ndarray]:
         """The per-step secant estimates: ``{"secant_step", "secant", "secant_ratio"}``."""
@@ -346,8 +362,8 @@ class History:
 
     # -- files ---------------------------------------------------------------------------------
     def _stored_tables(self) -> tuple[str, ...]:
-        """The tables files and state dicts hold: an empty directional table is left out, so
-        that a run without directional measurements writes what older versions read."""
+        """The tables files and state dicts hold: an empty directional or tracking table is left
+        out, so that a run without them writes what older versions read."""
         return tuple(t for t in _TABLES if t not in OPTIONAL_TABLES or self._t.rows[t])
 
     def save(self, path: str | os.PathLike[str]) -> None:

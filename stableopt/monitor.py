@@ -25,6 +25,14 @@ different batches and the difference is dominated by gradient noise: the numbers
 curvature and should not be read as such. Steps whose gradients are missing, sparse, computed
 inside a ``step(closure)``, or not one step apart are skipped. It costs two copies of the
 parameters and a few vector operations per step, so it is opt-in.
+
+Tracking
+--------
+With ``budget=b`` a monitor does not solve: after each of its steps it spends at most ``b``
+Hessian-vector products continuing one iteration across steps (:mod:`stableopt.tracking`) and
+records the estimate and its residual bound in the history's tracking table. Those estimates
+are not measurements: they do not reach measurement hooks (the guard acts on full
+measurements only).
 """
 
 from __future__ import annotations
@@ -189,13 +197,16 @@ class Monitor:
         log: ``fn(metrics, step)`` called after each measurement (:mod:`stableopt.loggers`), or None.
         directional, directional_every: the direction of the directional measurement
             (``"update"``, ``"gradient"`` or None) and its schedule.
+        budget: with tracking, the most Hessian-vector products per step (else None).
         id: the value of the history's ``monitor`` column for its measurements.
         last: the latest :class:`~stableopt.SharpnessReport` it took (None before).
         fired: the step counts it measured at.
     """
 
-    def __init__(self, owner: MonitorSet, monitor_id: int, loss_fn: Callable[..., Tensor], *, every: int, batches: Iterable[Any] | None, raw: bool, k: int, tol: float, max_iters: int | None, live: bool, secant: bool, hvp: str = "auto", log: Callable[[dict[str, float], int], Any] | None = None, directional: str | None = None, directional_every: int = 1) -> None:
+    def __init__(self, owner: MonitorSet, monitor_id: int, loss_fn: Callable[..., Tensor], *, every: int, batches: Iterable[Any] | None, raw: bool, k: int, tol: float, max_iters: int | None, live: bool, secant: bool, hvp: str = "auto", log: Callable[[dict[str, float], int], Any] | None = None, directional: str | None = None, directional_every: int = 1, budget: int | None = None) -> None:
         self._owner = owner
+        self.budget = budget
+        self._tracker: Any = None
         self.id = monitor_id
         self.loss_fn = loss_fn
         self.every = every
@@ -223,7 +234,8 @@ class Monitor:
 
     def schedule(self) -> dict[str, Any]:
         return {"id": self.id, "every": self.every, "raw": self.raw, "k": self.k, "tol": self.tol, "secant": self.secant, "live": self.live,
-                "hvp": self.hvp, "directional": self.directional, "directional_every": self.directional_every}
+                "hvp": self.hvp, "directional": self.directional, "directional_every": self.directional_every,
+                "budget": self.budget}
 
     def measure_directional(self) -> Any:
         """Measure the directional sharpness now (recorded in the history's directional table)."""
@@ -238,6 +250,8 @@ class Monitor:
             view.measuring(opt.steps_taken)
         previous, history.source = history.source, self.id
         try:
+            if self.budget is not None:
+                return self._track(opt, view)
             report = opt.sharpness(
                 self.loss_fn, batches=self.batches, raw=self.raw, k=self.k, tol=self.tol,
                 max_iters=self.max_iters, hvp=self.hvp,
@@ -249,6 +263,22 @@ class Monitor:
         if view is not None:
             view.measured(report)
         if self.log is not None:  # after the guard has reacted, so its factors are current
+            from .loggers import metrics
+
+            self.log(metrics(report, opt.guard), report.step)
+        return report
+
+    def _track(self, opt: Any, view: Any) -> Any:
+        from .tracking import TRACK_SEED, Tracker, track
+
+        if self._tracker is None:
+            self._tracker = Tracker(self.budget, generator=torch.Generator().manual_seed(TRACK_SEED + self.id))  # type: ignore[arg-type]
+        report = track(opt, self.loss_fn, self._tracker, batches=self.batches, hvp=self.hvp, tol=self.tol, key=f"track:{self.id}")
+        self.last = report
+        self.fired.append(report.step)
+        if view is not None:
+            view.measured(report)
+        if self.log is not None:
             from .loggers import metrics
 
             self.log(metrics(report, opt.guard), report.step)
@@ -305,7 +335,7 @@ class MonitorSet:
             self._view = _LiveView(self.optimizer.history, self.console)
         return self._view
 
-    def add(self, loss_fn: Callable[..., Tensor], *, every: int | None = None, batches: Iterable[Any] | None = None, raw: bool | None = None, k: int | None = None, tol: float | None = None, max_iters: int | None = None, live: bool = False, secant: bool | None = None, console: Any = None, hvp: str | None = None, log: Callable[[dict[str, float], int], Any] | None = None, directional: str | None = None, directional_every: int | None = None) -> Monitor:
+    def add(self, loss_fn: Callable[..., Tensor], *, every: int | None = None, batches: Iterable[Any] | None = None, raw: bool | None = None, k: int | None = None, tol: float | None = None, max_iters: int | None = None, live: bool = False, secant: bool | None = None, console: Any = None, hvp: str | None = None, log: Callable[[dict[str, float], int], Any] | None = None, directional: str | None = None, directional_every: int | None = None, budget: int | None = None) -> Monitor:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if hvp is not None:
@@ -325,6 +355,8 @@ class MonitorSet:
                 hvp = str(schedule.get("hvp", "auto"))
             if directional is None and directional_every is None:
                 directional, directional_every = schedule.get("directional"), schedule.get("directional_every")
+            if budget is None:
+                budget = schedule.get("budget")
             if schedule.get("id") not in self.monitors:
                 monitor_id = int(schedule.get("id", monitor_id))
         opts = {key: base[key] if value is None else value for key, value in given.items()}
@@ -338,12 +370,16 @@ class MonitorSet:
         if directional is not None and directional not in DIRECTIONS:
             raise ValueError(f"directional must be one of {DIRECTIONS} or None, got {directional!r}")
         directional_every = _check_positive_int("directional_every", 1 if directional_every is None else directional_every)
+        if budget is not None:
+            _check_positive_int("budget", budget)
+            if opts["raw"] or opts["k"] != 1:
+                raise ValueError(f"a tracking monitor (budget={budget}) follows λ_max(P⁻¹H) only; raw=True and k > 1 need full measurements (a monitor without budget)")
         if console is not None:
             if self._view is not None and self._view.console is not console:
                 self._view.stop()
                 self._view = None
             self.console = console
-        monitor = Monitor(self, monitor_id, loss_fn, batches=batches, max_iters=max_iters, live=bool(live), secant=bool(secant), hvp=hvp or "auto", log=log, directional=directional, directional_every=directional_every, **opts)
+        monitor = Monitor(self, monitor_id, loss_fn, batches=batches, max_iters=max_iters, live=bool(live), secant=bool(secant), hvp=hvp or "auto", log=log, directional=directional, directional_every=directional_every, budget=budget, **opts)
         self.monitors[monitor.id] = monitor
         self._next_id = max(self._next_id, monitor_id + 1)
         return monitor

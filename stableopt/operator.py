@@ -43,7 +43,7 @@ from .backends import BackendChoice, build_product, check_backend
 from .hvp import DoubleBackwardError, batch_weights
 from .space import ParameterSpace, is_dtensor
 
-__all__ = ["KINDS", "CurvatureOperator", "Measurement", "MeasuredGroup", "measure"]
+__all__ = ["KINDS", "BlockOperator", "CurvatureOperator", "Measurement", "MeasuredGroup", "measure"]
 
 #: the operators a measurement provides (see the module docs)
 KINDS = ("preconditioned", "ratio", "raw")
@@ -164,8 +164,61 @@ class CurvatureOperator:
     def backend(self) -> str:
         return self._m.backend
 
+    def restrict(self, indices: Sequence[int]) -> BlockOperator:
+        """The diagonal block of this operator on the space's parameters at ``indices``.
+
+        x_b ↦ (A·[x_b; 0])_b: for ``"preconditioned"`` that is P_b^{-1/2}·(s·H_bb + Λ_b)·P_b^{-1/2},
+        the curvature of the block with everything else held fixed. Each product is one
+        Hessian-vector product of the whole model (zeros outside the block).
+        """
+        return BlockOperator(self, indices)
+
     def __repr__(self) -> str:
         return f"CurvatureOperator(kind={self.kind!r}, size={self.size}, dtype={self.dtype}, backend={self.backend!r})"
+
+
+class BlockOperator(CurvatureOperator):
+    """The restriction of a :class:`CurvatureOperator` to some of its parameters (a diagonal block).
+
+    Its vectors are the block's (local) coordinates; inner products, norms and start vectors are
+    those of the block's own :class:`~stableopt.space.ParameterSpace`, so shards work as for the
+    whole operator.
+
+    Attributes:
+        parent: the operator restricted.
+        indices: the positions of the block's parameters in the parent's space.
+    """
+
+    def __init__(self, parent: CurvatureOperator, indices: Sequence[int]) -> None:
+        idx = [int(i) for i in indices]
+        count = len(parent.space.params)
+        if not idx or len(set(idx)) != len(idx) or not all(0 <= i < count for i in idx):
+            raise ValueError(f"indices must be distinct positions in 0..{count - 1} of the space's parameters, got {list(indices)!r}")
+        self.parent, self.indices = parent, tuple(idx)
+        self._m, self.kind, self._d = parent._m, parent.kind, None
+        space = parent.space
+        self.space = ParameterSpace([space.params[i] for i in idx], space.dtype)
+        self.size, self.local_size = self.space.size, self.space.local_size
+        self.dtype, self.device = space.dtype, space.device
+        offsets = [0]
+        for n in space.numels:
+            offsets.append(offsets[-1] + n)
+        self._ranges = [(offsets[i], offsets[i + 1]) for i in idx]
+
+    def matvec(self, x: Tensor) -> Tensor:
+        """The block's product with ``x``: one Hessian-vector product of the whole model."""
+        full = x.new_zeros(self.parent.local_size)
+        at = 0
+        for a, b in self._ranges:
+            full[a:b] = x[at : at + b - a]
+            at += b - a
+        y = self.parent.matvec(full)
+        return torch.cat([y[a:b] for a, b in self._ranges])
+
+    __call__ = matvec
+
+    def __repr__(self) -> str:
+        return f"BlockOperator(kind={self.kind!r}, parameters={list(self.indices)}, size={self.size}, backend={self.backend!r})"
 
 
 class Measurement:

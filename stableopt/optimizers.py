@@ -21,6 +21,8 @@ from . import _checkpoint
 from . import rules as _rules
 from . import directional as _directional
 from .backends import BackendChoice, check_backend
+from .blocks import check_blocks
+from .estimators import EstimatorsMixin
 from .guard import LRGuard
 from .operator import Measurement, measure
 from .rules import StabilityRule
@@ -66,9 +68,10 @@ class _LegacyRule(StabilityRule):
 _LEGACY_HOOKS = ("_preconditioner_fn", "_needs_state")
 
 
-class StabilityMixin:
+class StabilityMixin(EstimatorsMixin):
     """Adds ``preconditioner()``, ``stability_threshold()``, ``sharpness()`` and ``measure()``
-    to a torch optimizer.
+    (and ``hessian_trace()``, ``spectral_density()``, :mod:`stableopt.estimators`) to a torch
+    optimizer.
 
     A subclass names its torch base class and its :class:`~stableopt.rules.StabilityRule`
     explicitly (nothing is guessed from the MRO)::
@@ -290,6 +293,7 @@ class StabilityMixin:
         log: Callable[[dict[str, float], int], Any] | None = None,
         directional: str | None = None,
         directional_every: int | None = None,
+        budget: int | None = None,
     ) -> Any:
         """Measure ``sharpness(loss_fn, ...)`` after every ``every``-th ``step()``.
 
@@ -304,6 +308,11 @@ class StabilityMixin:
         ``directional="update"`` or ``"gradient"`` also measures :meth:`directional_sharpness`
         (one product) after every ``directional_every``-th step (default 1), into the history's
         ``directional`` table.
+        ``budget=b`` makes it a tracking monitor: instead of solving, it
+        spends at most ``b`` Hessian-vector products per measured step continuing one warm
+        iteration across steps and records the estimate and its residual bound in
+        ``history.tracking()`` (:mod:`stableopt.tracking`; the trade against full
+        measurements is in benchmarks/README.md).
 
         Returns:
             A :class:`stableopt.monitor.Monitor` handle with ``.remove()``.
@@ -311,7 +320,7 @@ class StabilityMixin:
         return self._stableopt_components["monitors"].add(
             loss_fn, every=every, batches=batches, raw=raw, k=k, tol=tol, max_iters=max_iters,
             live=live, secant=secant, console=console, hvp=hvp, log=log,
-            directional=directional, directional_every=directional_every,
+            directional=directional, directional_every=directional_every, budget=budget,
         )
 
     def report(self, console: Any = None) -> None:
@@ -446,7 +455,8 @@ class StabilityMixin:
                 that step), ``"gradient"`` (u = P⁻¹(s·g + λθ) from the current ``.grad``) or a
                 list with one tensor per parameter of ``param_groups`` (None: zero), shaped
                 like it.
-            batches, hvp: as for :meth:`sharpness`.
+            batches: as for :meth:`sharpness`.
+            hvp: as for :meth:`sharpness`.
 
         Returns:
             A :class:`stableopt.DirectionalReport`, also recorded in :attr:`history`. A zero
@@ -476,6 +486,7 @@ class StabilityMixin:
         tol: float = 1e-3,
         max_iters: int | None = None,
         hvp: str = "auto",
+        blocks: Any = None,
     ) -> SharpnessReport:
         """Measure λ_max(P⁻¹H), the edge ratio and optionally λ_max(H) at the current parameters.
 
@@ -501,6 +512,11 @@ class StabilityMixin:
                 backward where the model supports it, else finite differences, decided once
                 per optimizer by a real probe), ``"autograd"``, ``"fd"`` or ``"forward"``
                 (:mod:`stableopt.backends`). ``report.hvp_backend`` says which one measured.
+            blocks: also measure per-block sharpness into ``report.blocks``: ``"module"`` (each
+                module that owns parameters, named by its path), ``"group"`` (each param
+                group), an ``nn.Module`` (its modules) or a ``dict[str, list[Parameter]]``; one
+                warm-started solve of the diagonal block P_b^{-1/2}H_bbP_b^{-1/2} per block
+                (:mod:`stableopt.blocks`).
 
         Returns:
             A :class:`~stableopt.SharpnessReport`.
@@ -522,13 +538,14 @@ class StabilityMixin:
         if not isinstance(raw, bool):
             raise TypeError(f"raw must be a bool, got {type(raw).__name__}")
         check_backend(hvp)
+        blocks = check_blocks(blocks)
         groups = self._sharpness_groups()
         generator = torch.Generator().manual_seed(START_VECTOR_SEED + self._stableopt_measurements)
         self._stableopt_measurements += 1
         report = estimate_sharpness(
             loss_fn, groups, batches=batches, raw=raw, k=k, tol=tol, max_iters=max_iters,
             step=self._stableopt_step, generator=generator, warm=self._stableopt_warm,
-            hvp=hvp, choice=self._stableopt_backend,
+            hvp=hvp, choice=self._stableopt_backend, blocks=blocks,
         )
         for hook in list(self._stableopt_measurement_hooks.values()):
             hook(self, report)

@@ -20,6 +20,7 @@ from rich.text import Text
 from ._text import literal, text
 from .directional_view import add_directional_rows
 from .monitor import ABOVE, BELOW, zone
+from .report_estimators import add_estimator_rows
 
 __all__ = ["print_report", "render_report", "render_saved", "sparkline", "terminal_chart", "trend"]
 
@@ -225,6 +226,7 @@ def render_report(history: Any, *, title: str | Text | None = None, spark_width:
         if len(events) > 3:
             lines.append(f"\n({len(events)} in all, the latest 3 shown)", style="dim")
         grid.add_row("guard events", lines)
+    add_estimator_rows(grid, history)
     seconds = float(cols["seconds"].sum())
     elapsed = float(last["elapsed"])
     share = f" = {seconds / elapsed:.1%} of {elapsed:,.1f} s wall time" if math.isfinite(elapsed) and elapsed > 0 else ""

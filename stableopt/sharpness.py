@@ -18,12 +18,13 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
 
+from . import blocks as _blocks
 from .backends import BackendChoice
 from .eigen import LanczosResult, lanczos
 from .operator import CurvatureOperator, MeasuredGroup, Measurement, measure
@@ -79,6 +80,8 @@ class SharpnessReport:
         hvp_backend: how the Hessian-vector products were computed: ``"autograd"`` (double
             backward), ``"fd"`` (finite differences of gradients) or ``"forward"``
             (forward-over-reverse); with ``hvp="auto"`` the backend the probe settled on.
+        blocks: per-block sharpness by block name (:class:`stableopt.blocks.BlockSharpness`),
+            when measured with ``blocks=``; empty otherwise.
     """
 
     step: int
@@ -95,6 +98,7 @@ class SharpnessReport:
     loss: float = math.nan
     dtype: str = "float32"
     hvp_backend: str = "autograd"
+    blocks: dict[str, _blocks.BlockSharpness] = field(default_factory=dict, hash=False)
 
     def __str__(self) -> str:
         raw = "" if self.raw is None else f", raw={self.raw:.6g}"
@@ -154,6 +158,7 @@ def estimate_sharpness(
     warm: MutableMapping[str, Tensor] | None = None,
     hvp: str = "auto",
     choice: BackendChoice | None = None,
+    blocks: Any = None,
 ) -> SharpnessReport:
     """Measure λ_max(P⁻¹H), the edge ratio and optionally λ_max(H) by Lanczos on HVPs.
 
@@ -182,6 +187,9 @@ def estimate_sharpness(
         hvp: how products are computed: ``"auto"`` (default), ``"autograd"``, ``"fd"`` or
             ``"forward"`` (:mod:`stableopt.backends`).
         choice: where ``hvp="auto"`` keeps its decision between calls.
+        blocks: also measure each block's diagonal block (``"module"``, ``"group"``, an
+            ``nn.Module`` or a dict of parameter lists; :mod:`stableopt.blocks`) into
+            ``report.blocks``; each block is warm-started from ``warm["block:<name>"]``.
 
     Returns:
         A :class:`SharpnessReport`. A non-finite loss or HVP gives NaN values with
@@ -202,30 +210,46 @@ def estimate_sharpness(
     fingerprint = {
         "k": k, "raw": raw, "tol": tol, "max_iters": -1 if max_iters is None else max_iters, "step": step,
     }
-    with measure(loss_fn, groups, batches=batches, hvp=hvp, choice=choice, fingerprint=fingerprint) as m:
-        if not math.isfinite(m.loss):
-            return _nan_report(step, k, groups, raw, m, t0, "the loss is not finite")
+    blocks = _blocks.check_blocks(blocks)
+    watcher = _blocks.watch(blocks)  # blocks="module": sees the modules of the first evaluation
+    try:
+        with measure(loss_fn, groups, batches=batches, hvp=hvp, choice=choice, fingerprint=fingerprint) as m:
+            if watcher is not None:
+                watcher.stop()
+            return _estimate(m, groups, step, k, raw, tol, max_iters, generator, warm, blocks, watcher, t0)
+    finally:
+        if watcher is not None:
+            watcher.stop()
 
-        def solve(op: CurvatureOperator, kk: int) -> LanczosResult:
-            v0, cold = op.start(_warm_start(warm, op.kind, op.local_size, op.dtype, op.device), generator)
-            res = lanczos(
-                op, v0, k=kk, tol=tol, max_iters=max_iters, min_iters=1 if cold else WARM_MIN_ITERS,
-                generator=generator, bound=STOP_BOUND if cold else WARM_STOP_BOUND,
-                num_vectors=kk + 1, max_basis=max(MAX_BASIS, 2 * kk + 4),
-            )
-            if warm is not None and res.finite:
-                warm[op.kind] = res.eigenvectors.detach().clone()
-            return res
 
-        results = [solve(m.operator("preconditioned"), k)]
-        common = _common_threshold(groups)
-        if math.isnan(common):
-            results.append(solve(m.operator("ratio"), 1))
-        if raw:
-            results.append(solve(m.operator("raw"), 1))
+def _estimate(
+    m: Measurement, groups: Sequence[SharpnessGroup], step: int, k: int, raw: bool, tol: float, max_iters: int | None,
+    generator: torch.Generator, warm: MutableMapping[str, Tensor] | None, blocks: Any, watcher: Any, t0: float,
+) -> SharpnessReport:
+    if not math.isfinite(m.loss):
+        return _nan_report(step, k, groups, raw, m, t0, "the loss is not finite")
 
+    def solve(op: CurvatureOperator, kk: int, key: str | None = None) -> LanczosResult:
+        key = op.kind if key is None else key
+        v0, cold = op.start(_warm_start(warm, key, op.local_size, op.dtype, op.device), generator)
+        res = lanczos(
+            op, v0, k=kk, tol=tol, max_iters=max_iters, min_iters=1 if cold else WARM_MIN_ITERS,
+            generator=generator, bound=STOP_BOUND if cold else WARM_STOP_BOUND,
+            num_vectors=kk + 1, max_basis=max(MAX_BASIS, 2 * kk + 4),
+        )
+        if warm is not None and res.finite:
+            warm[key] = res.eigenvectors.detach().clone()
+        return res
+
+    results = [solve(m.operator("preconditioned"), k)]
+    common = _common_threshold(groups)
+    if math.isnan(common):
+        results.append(solve(m.operator("ratio"), 1))
+    if raw:
+        results.append(solve(m.operator("raw"), 1))
     if not all(r.finite for r in results):
         return _nan_report(step, k, groups, raw, m, t0, "a Hessian-vector product is not finite")
+    block_reports = {} if blocks is None else _blocks.measure_blocks(m, blocks, watcher, lambda op, key: solve(op, 1, key))
     eig = tuple(float(x) for x in results[0].eigenvalues)
     pre = eig[0]
     if math.isnan(common):
@@ -248,4 +272,5 @@ def estimate_sharpness(
         loss=m.loss,
         dtype=str(m.space.dtype).replace("torch.", ""),
         hvp_backend=m.backend,
+        blocks=block_reports,
     )

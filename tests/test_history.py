@@ -83,7 +83,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
     path = tmp_path / "run.safetensors"
     h.save(path)
     loaded = History.load(path)
-    for table in ("measurements", "secant", "events"):
+    for table in ("measurements", "secant", "events", "tracking"):
         assert loaded.columns(table) == h.columns(table)
         for name in h.columns(table):
             a, b = h.column(name), loaded.column(name)
