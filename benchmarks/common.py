@@ -20,10 +20,10 @@ import platform
 import statistics
 import sys
 import time
-import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: One intra-op thread unless ``--threads N``, for torch *and* for the BLAS under numpy/scipy
 #: (the peers' ``eigsh``): with two threads on a busy machine, OpenMP's and OpenBLAS's
@@ -92,8 +92,10 @@ def natural_images(n: int, g: torch.Generator, *, alpha: float = 0.5) -> Tensor:
     (benchmarks/sharpness.py, float64 references)."""
     f = torch.fft.fftfreq(32, dtype=torch.float64)
     amp = (f[:, None] ** 2 + f[None, :] ** 2).sqrt().clamp_min(1 / 32) ** (-alpha)
-    z = torch.complex(torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64),
-                      torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64))
+    z = torch.complex(
+        torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64),
+        torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64),
+    )
     img = torch.fft.ifft2(z * amp).real
     colour = torch.tensor([[1.0, 0.9, 0.8], [0.9, 1.0, 0.9], [0.8, 0.9, 1.0]], dtype=torch.float64)
     img = torch.einsum("cd,ndhw->nchw", torch.linalg.cholesky(colour), img)
@@ -126,9 +128,14 @@ def make_cnn(quick: bool = False, seed: int = 0) -> Problem:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 10),
     )
     x = torch.randn(n, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
@@ -261,8 +268,12 @@ def environment() -> dict[str, Any]:
     except OSError:
         pass
     peers = {}
-    for mod, dist in [("pyhessian", "pyhessian"), ("hessian_eigenthings", "hessian-eigenthings"),
-                      ("curvlinops", "curvlinops-for-pytorch"), ("scipy", "scipy")]:
+    for _mod, dist in [
+        ("pyhessian", "pyhessian"),
+        ("hessian_eigenthings", "hessian-eigenthings"),
+        ("curvlinops", "curvlinops-for-pytorch"),
+        ("scipy", "scipy"),
+    ]:
         try:
             from importlib.metadata import version
 
@@ -300,7 +311,9 @@ def save(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def target(label: str, value: float, limit: float, *, fmt: str = "{:.3f}", higher_is_better: bool = False) -> dict[str, Any]:
+def target(
+    label: str, value: float, limit: float, *, fmt: str = "{:.3f}", higher_is_better: bool = False
+) -> dict[str, Any]:
     ok = value >= limit if higher_is_better else value <= limit
     op = "≥" if higher_is_better else "≤"
     print(f"  [{verdict(ok)}] {label}: {fmt.format(value)} (target {op} {fmt.format(limit)})")
@@ -357,7 +370,9 @@ def flat_operator(hvp, params: list[Tensor], d: Tensor | None = None) -> Callabl
     return mv
 
 
-def reference_eigs(pb: Problem, d: Tensor | None = None, *, k: int = 2, tol: float = 1e-9, dtype=torch.float64) -> list[float]:
+def reference_eigs(
+    pb: Problem, d: Tensor | None = None, *, k: int = 2, tol: float = 1e-9, dtype=torch.float64
+) -> list[float]:
     """Tight Lanczos reference on a float64 copy of the model: the top ``k`` eigenvalues of H
     (or of D·H·D for a flat diagonal ``d``), rigorous residual bound ``tol``."""
     import copy
@@ -370,6 +385,13 @@ def reference_eigs(pb: Problem, d: Tensor | None = None, *, k: int = 2, tol: flo
     params = [p for p in model.parameters() if p.requires_grad]
     hvp = stableopt.make_hvp(lambda: pb.loss_of_output(model(x), y), params)
     mv = flat_operator(hvp, params, None if d is None else d.to(dtype))
-    res = stableopt.lanczos(mv, n=sum(p.numel() for p in params), k=k, tol=tol, max_iters=150, dtype=dtype,
-                            generator=torch.Generator().manual_seed(12345))
+    res = stableopt.lanczos(
+        mv,
+        n=sum(p.numel() for p in params),
+        k=k,
+        tol=tol,
+        max_iters=150,
+        dtype=dtype,
+        generator=torch.Generator().manual_seed(12345),
+    )
     return [float(x) for x in res.eigenvalues]

@@ -28,7 +28,6 @@ import statistics
 import time
 
 import torch
-
 from common import CLOCK_NAME, QUICK, clock, flat_operator, flat_preconditioner, save, target, trained_mlp
 
 import stableopt
@@ -60,15 +59,21 @@ def paired(pb, steps: int, every: int, *, snapshot: bool = False, tol: float = T
 
         if name == "monitored":
             if snapshot:
+
                 def keep(o, args, kwargs, model=model):  # runs before the monitor's hook
                     if o.steps_taken % every:
                         return
                     t0 = clock()
                     warm = o._stableopt_warm.get("preconditioned")
-                    snaps.append(dict(step=o.steps_taken, measurement=o._stableopt_measurements,
-                                      params=[p.detach().clone() for p in model.parameters()],
-                                      d=flat_preconditioner(o),
-                                      warm=None if warm is None else warm.clone()))
+                    snaps.append(
+                        dict(
+                            step=o.steps_taken,
+                            measurement=o._stableopt_measurements,
+                            params=[p.detach().clone() for p in model.parameters()],
+                            d=flat_preconditioner(o),
+                            warm=None if warm is None else warm.clone(),
+                        )
+                    )
                     taken[0] += clock() - t0
 
                 opt.register_step_post_hook(keep)
@@ -85,10 +90,14 @@ def paired(pb, steps: int, every: int, *, snapshot: bool = False, tol: float = T
             times[name].append(clock() - t0 - taken[0])
     opt = runs["monitored"][0]
     hist = opt.history
-    return dict(times=times, measurements=len(hist), snaps=snaps,
-                hvps=[int(h) for h in hist["hvps"]] if len(hist) else [],
-                values=[float(v) for v in hist["preconditioned"]] if len(hist) else [],
-                ratio=[float(r) for r in hist["ratio"]] if len(hist) else [])
+    return dict(
+        times=times,
+        measurements=len(hist),
+        snaps=snaps,
+        hvps=[int(h) for h in hist["hvps"]] if len(hist) else [],
+        values=[float(v) for v in hist["preconditioned"]] if len(hist) else [],
+        ratio=[float(r) for r in hist["ratio"]] if len(hist) else [],
+    )
 
 
 def window(r: dict, lo: int, hi: int, every: int, *, skip_first: bool = False) -> dict:
@@ -99,8 +108,13 @@ def window(r: dict, lo: int, hi: int, every: int, *, skip_first: bool = False) -
         i = every - 1 - lo
         if 0 <= i < len(mon):
             extra -= mon[i] - base[i]
-    return dict(steps=f"{lo + 1}-{hi}", seconds_monitored=sum(mon), seconds_unmonitored=sum(base),
-                overhead=extra / sum(base), without_first_measurement=skip_first)
+    return dict(
+        steps=f"{lo + 1}-{hi}",
+        seconds_monitored=sum(mon),
+        seconds_unmonitored=sum(base),
+        overhead=extra / sum(base),
+        without_first_measurement=skip_first,
+    )
 
 
 def _ritz_trajectory(matvec, v0: torch.Tensor, steps: int) -> list[float]:
@@ -153,11 +167,24 @@ def oracle(pb, snaps: list[dict], hvps: list[int], values: list[float]) -> dict:
         need = next((j + 1 for j, th in enumerate(traj) if abs(th - lam) <= TOL * abs(lam)), None)
         need_loose = next((j + 1 for j, th in enumerate(traj) if abs(th - lam) <= LOOSE_TOL * abs(lam)), None)
         err = abs(value - lam) / abs(lam)
-        rows.append(dict(step=s["step"], cold=cold, hvps_used=used, oracle_hvps=need, oracle_hvps_loose=need_loose,
-                         reference=lam, measured=value, rel_error=err))
-        print(f"    step {s['step']:4d} ({'cold' if cold else 'warm'}): {used:2d} HVPs used, an oracle rule "
-              f"needs {need if need is not None else '>' + str(len(traj))}; measured {value:.7g}, "
-              f"reference {lam:.7g}, rel. error {err:.1e}", flush=True)
+        rows.append(
+            dict(
+                step=s["step"],
+                cold=cold,
+                hvps_used=used,
+                oracle_hvps=need,
+                oracle_hvps_loose=need_loose,
+                reference=lam,
+                measured=value,
+                rel_error=err,
+            )
+        )
+        print(
+            f"    step {s['step']:4d} ({'cold' if cold else 'warm'}): {used:2d} HVPs used, an oracle rule "
+            f"needs {need if need is not None else '>' + str(len(traj))}; measured {value:.7g}, "
+            f"reference {lam:.7g}, rel. error {err:.1e}",
+            flush=True,
+        )
     return dict(rows=rows, build_seconds=statistics.median(build_s), hvp_seconds=statistics.median(hvp_s))
 
 
@@ -171,51 +198,108 @@ def main() -> dict:
         r = paired(pb, steps, every, snapshot=every == 100)
         mon, base = sum(r["times"]["monitored"]), sum(r["times"]["unmonitored"])
         overhead = mon / base - 1
-        row = dict(every=every, steps=steps, measurements=r["measurements"], seconds_monitored=mon,
-                   seconds_unmonitored=base, overhead=overhead, hvps=r["hvps"], ratio=r["ratio"])
-        print(f"  every {every:3d} ({steps} steps, {r['measurements']} measurements): {mon:.2f} s vs {base:.2f} s "
-              f"unmonitored → overhead {overhead*100:+.1f}%, HVPs per measurement {r['hvps']}  [{CLOCK_NAME}]", flush=True)
+        row = dict(
+            every=every,
+            steps=steps,
+            measurements=r["measurements"],
+            seconds_monitored=mon,
+            seconds_unmonitored=base,
+            overhead=overhead,
+            hvps=r["hvps"],
+            ratio=r["ratio"],
+        )
+        print(
+            f"  every {every:3d} ({steps} steps, {r['measurements']} measurements): {mon:.2f} s vs {base:.2f} s "
+            f"unmonitored → overhead {overhead * 100:+.1f}%, HVPs per measurement {r['hvps']}  [{CLOCK_NAME}]",
+            flush=True,
+        )
         if every == 100:
             half = steps // 2
-            row["windows"] = [window(r, 0, steps, every, skip_first=True), window(r, 0, half, every),
-                              window(r, half, steps, every)]
+            row["windows"] = [
+                window(r, 0, steps, every, skip_first=True),
+                window(r, 0, half, every),
+                window(r, half, steps, every),
+            ]
             for w in row["windows"]:
-                print(f"    steps {w['steps']}{' without the first (cold) measurement' if w['without_first_measurement'] else ''}: "
-                      f"overhead {w['overhead']*100:+.1f}%")
+                print(
+                    f"    steps {w['steps']}{' without the first (cold) measurement' if w['without_first_measurement'] else ''}: "
+                    f"overhead {w['overhead'] * 100:+.1f}%"
+                )
             o = oracle(pb, r["snaps"], r["hvps"], r["values"])
             step_s = base / steps
-            per = lambda n: o["build_seconds"] + n * o["hvp_seconds"]  # noqa: E731
+            per = lambda n, o=o: o["build_seconds"] + n * o["hvp_seconds"]  # noqa: E731
             need = [x["oracle_hvps"] if x["oracle_hvps"] is not None else x["hvps_used"] for x in o["rows"]]
             o["step_seconds"] = step_s
             o["lower_bound_overhead"] = sum(per(n) for n in need) / base
-            o["lower_bound_overhead_first_half"] = sum(per(n) for x, n in zip(o["rows"], need) if x["step"] <= half) / (step_s * half)
+            o["lower_bound_overhead_first_half"] = sum(per(n) for x, n in zip(o["rows"], need) if x["step"] <= half) / (
+                step_s * half
+            )
             need_loose = [x["oracle_hvps_loose"] or x["oracle_hvps"] or x["hvps_used"] for x in o["rows"]]
             o["lower_bound_overhead_loose"] = sum(per(n) for n in need_loose) / base
-            o["lower_bound_overhead_warm_first_half"] = (
-                sum(per(n) for x, n in zip(o["rows"], need) if x["step"] <= half and not x["cold"]) / (step_s * half))
-            print(f"    graph build {o['build_seconds']*1e3:.0f} ms, one HVP {o['hvp_seconds']*1e3:.0f} ms, one training "
-                  f"step {step_s*1e3:.0f} ms: an oracle stopping rule would still add {o['lower_bound_overhead']*100:.1f}% "
-                  f"over the run, {o['lower_bound_overhead_first_half']*100:.1f}% over steps 1-{half} "
-                  f"({o['lower_bound_overhead_warm_first_half']*100:.1f}% without the cold first measurement); "
-                  f"at tol {LOOSE_TOL:g} (oracle products {need_loose}): {o['lower_bound_overhead_loose']*100:.1f}% over the run")
+            o["lower_bound_overhead_warm_first_half"] = sum(
+                per(n) for x, n in zip(o["rows"], need) if x["step"] <= half and not x["cold"]
+            ) / (step_s * half)
+            print(
+                f"    graph build {o['build_seconds'] * 1e3:.0f} ms, one HVP {o['hvp_seconds'] * 1e3:.0f} ms, one training "
+                f"step {step_s * 1e3:.0f} ms: an oracle stopping rule would still add {o['lower_bound_overhead'] * 100:.1f}% "
+                f"over the run, {o['lower_bound_overhead_first_half'] * 100:.1f}% over steps 1-{half} "
+                f"({o['lower_bound_overhead_warm_first_half'] * 100:.1f}% without the cold first measurement); "
+                f"at tol {LOOSE_TOL:g} (oracle products {need_loose}): {o['lower_bound_overhead_loose'] * 100:.1f}% over the run"
+            )
             analysis = o
         rows.append(row)
     # informational: the every-100 run again with the monitor at a 10× looser tolerance
     r = paired(pb, long_steps, 100, tol=LOOSE_TOL)
     mon, base = sum(r["times"]["monitored"]), sum(r["times"]["unmonitored"])
     half = long_steps // 2
-    loose = dict(every=100, steps=long_steps, tol=LOOSE_TOL, measurements=r["measurements"], seconds_monitored=mon,
-                 seconds_unmonitored=base, overhead=mon / base - 1, hvps=r["hvps"], ratio=r["ratio"],
-                 windows=[window(r, 0, long_steps, 100, skip_first=True), window(r, 0, half, 100),
-                          window(r, half, long_steps, 100)])
-    print(f"  every 100 at tol {LOOSE_TOL:g} (informational): overhead {loose['overhead']*100:+.1f}%, HVPs per measurement "
-          f"{r['hvps']}; " + ", ".join(f"steps {w['steps']}{' w/o first' if w['without_first_measurement'] else ''} "
-                                      f"{w['overhead']*100:+.1f}%" for w in loose["windows"]), flush=True)
+    loose = dict(
+        every=100,
+        steps=long_steps,
+        tol=LOOSE_TOL,
+        measurements=r["measurements"],
+        seconds_monitored=mon,
+        seconds_unmonitored=base,
+        overhead=mon / base - 1,
+        hvps=r["hvps"],
+        ratio=r["ratio"],
+        windows=[
+            window(r, 0, long_steps, 100, skip_first=True),
+            window(r, 0, half, 100),
+            window(r, half, long_steps, 100),
+        ],
+    )
+    print(
+        f"  every 100 at tol {LOOSE_TOL:g} (informational): overhead {loose['overhead'] * 100:+.1f}%, HVPs per measurement "
+        f"{r['hvps']}; "
+        + ", ".join(
+            f"steps {w['steps']}{' w/o first' if w['without_first_measurement'] else ''} {w['overhead'] * 100:+.1f}%"
+            for w in loose["windows"]
+        ),
+        flush=True,
+    )
     targets.append(target("end-to-end overhead, monitor every 100 steps", rows[0]["overhead"], 0.05, fmt="{:.3f}"))
-    targets.append(target(f"monitored measurements along the run ({len(analysis['rows'])}), worst error vs tight reference",
-                          max(x["rel_error"] for x in analysis["rows"]), TOL, fmt="{:.1e}"))
-    return save("end_to_end", dict(problem=pb.name, has_monitor=True, paired=True, tol=TOL, rows=rows,
-                                   oracle=analysis, loose=loose, targets=targets, seconds=time.perf_counter() - t0))
+    targets.append(
+        target(
+            f"monitored measurements along the run ({len(analysis['rows'])}), worst error vs tight reference",
+            max(x["rel_error"] for x in analysis["rows"]),
+            TOL,
+            fmt="{:.1e}",
+        )
+    )
+    return save(
+        "end_to_end",
+        dict(
+            problem=pb.name,
+            has_monitor=True,
+            paired=True,
+            tol=TOL,
+            rows=rows,
+            oracle=analysis,
+            loose=loose,
+            targets=targets,
+            seconds=time.perf_counter() - t0,
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import time
 
-import torch
-from torch.func import functional_call, grad, jvp
-
 import common
+import torch
 from common import QUICK, interleaved, make_cnn, peak_memory, save, target, trained_mlp
+from torch.func import functional_call, grad, jvp
 
 import stableopt
 
@@ -75,14 +74,17 @@ def bench(pb, rounds: int, number: int) -> dict:
     # the reused graph's own memory: build it inside the measured call
     mem["reuse_incl_graph"] = peak_memory(lambda: fns["reuse_build"]()(routes_v(pb)))[0]
     row = {
-        "problem": pb.name, "n_params": pb.n_params, "seconds": t, "route_max_rel_diff": err,
+        "problem": pb.name,
+        "n_params": pb.n_params,
+        "seconds": t,
+        "route_max_rel_diff": err,
         "x_gradient": {k: t[k] / t["grad"] for k in t if k != "grad"},
         "peak_bytes": mem,
     }
-    print(f"{pb.name} ({pb.n_params} params): gradient {t['grad']*1e3:.1f} ms; routes agree to {err:.1e}")
+    print(f"{pb.name} ({pb.n_params} params): gradient {t['grad'] * 1e3:.1f} ms; routes agree to {err:.1e}")
     for k in ("reuse", "fresh", "func", "reuse_build"):
-        print(f"  {k:12s} {t[k]*1e3:8.1f} ms = {t[k]/t['grad']:.2f} × gradient")
-    print("  peak memory above baseline (MB): " + ", ".join(f"{k} {v/1e6:.1f}" for k, v in mem.items()))
+        print(f"  {k:12s} {t[k] * 1e3:8.1f} ms = {t[k] / t['grad']:.2f} × gradient")
+    print("  peak memory above baseline (MB): " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in mem.items()))
     return row
 
 
@@ -98,7 +100,11 @@ def main() -> dict:
     mlp = rows[0]
     best = min(("reuse", "fresh", "func"), key=lambda k: mlp["x_gradient"][k])
     print(f"fastest HVP route on {mlp['problem']}: {best} (engine uses 'reuse')")
-    targets = [target(f"HVP / gradient on {mlp['problem']} (engine route: reuse)", mlp["x_gradient"]["reuse"], 2.5, fmt="{:.2f}")]
+    targets = [
+        target(
+            f"HVP / gradient on {mlp['problem']} (engine route: reuse)", mlp["x_gradient"]["reuse"], 2.5, fmt="{:.2f}"
+        )
+    ]
     return save("hvp", dict(rows=rows, fastest_route=best, targets=targets, seconds=time.perf_counter() - t0))
 
 

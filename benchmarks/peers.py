@@ -28,11 +28,19 @@ import copy
 import statistics
 import time
 
-from common import CLOCK_NAME, QUICK, adam_state, clock, flat_preconditioner, reference_eigs, save, target, trained_mlp  # first: BLAS threads
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
+from common import (  # first: BLAS threads
+    CLOCK_NAME,
+    QUICK,
+    adam_state,
+    clock,
+    flat_preconditioner,
+    reference_eigs,
+    save,
+    target,
+    trained_mlp,
+)
 
 #: the loosest tolerance a peer is credited with (``eigsh(tol=1e-2)``); stableopt is also run at
 #: it, cold and warm, for the informational "both tuned" ratios (the judged ones use its default)
@@ -150,14 +158,18 @@ def run_eigsh_reuse(pb, d, ncv, tol):
     numels = [p.numel() for p in params]
     n = sum(numels)
     t0 = clock()
-    grads = torch.autograd.grad(pb.loss_fn(), params, create_graph=True)
+    graph = {"grads": torch.autograd.grad(pb.loss_fn(), params, create_graph=True)}
 
     def mv(v):
         x = torch.from_numpy(np.asarray(v, dtype=np.float32).reshape(-1))
         if d is not None:
             x = d * x
-        out = torch.autograd.grad(grads, params, grad_outputs=[c.view_as(p) for c, p in zip(x.split(numels), params)],
-                                  retain_graph=True)
+        out = torch.autograd.grad(
+            graph["grads"],
+            params,
+            grad_outputs=[c.view_as(p) for c, p in zip(x.split(numels), params)],
+            retain_graph=True,
+        )
         y = torch.cat([o.reshape(-1) for o in out])
         return (y if d is None else d * y).numpy()
 
@@ -166,7 +178,7 @@ def run_eigsh_reuse(pb, d, ncv, tol):
     v0 = np.random.default_rng(0).standard_normal(n).astype(np.float32)
     val = eigsh(op, k=1, which="LA", ncv=ncv, tol=tol, v0=v0, return_eigenvectors=False)
     secs = clock() - t0
-    del grads
+    graph.clear()  # frees the gradient graph before the cleanup
     _cleanup(pb)
     return float(val[0]), counter.calls, secs
 
@@ -177,8 +189,12 @@ GRID = {
     "curvlinops+eigsh": [dict(ncv=8, tol=1e-2), dict(ncv=8, tol=1e-3)],
     "torch graph+eigsh": [dict(ncv=8, tol=1e-2), dict(ncv=8, tol=1e-3), dict(ncv=20, tol=1e-2)],
 }
-RUNNERS = {"pyhessian": run_pyhessian, "hessian-eigenthings": run_eigenthings, "curvlinops+eigsh": run_curvlinops,
-           "torch graph+eigsh": run_eigsh_reuse}
+RUNNERS = {
+    "pyhessian": run_pyhessian,
+    "hessian-eigenthings": run_eigenthings,
+    "curvlinops+eigsh": run_curvlinops,
+    "torch graph+eigsh": run_eigsh_reuse,
+}
 
 
 def ours(opt, pb, *, raw: bool, tol: float = 1e-3, warm: dict | None = None):
@@ -221,8 +237,10 @@ def warm_run(pb, opt, tol: float, every: int, steps: int) -> dict:
             rep = opt.sharpness(pb.loss_fn, tol=tol)
             times.append(clock() - t0)
             hvps.append(rep.hvps)
-            print(f"  stableopt warm (tol={tol:g}) at step {opt.steps_taken}: {rep.hvps} HVPs {times[-1]:.2f} s "
-                  f"λ={rep.preconditioned:.6g}")
+            print(
+                f"  stableopt warm (tol={tol:g}) at step {opt.steps_taken}: {rep.hvps} HVPs {times[-1]:.2f} s "
+                f"λ={rep.preconditioned:.6g}"
+            )
     return dict(tol=tol, seconds=times, hvps=hvps, vectors=before_last)
 
 
@@ -259,11 +277,20 @@ def contest(pb, opt, d, ref: float, which: str, warm: dict[float, dict]) -> dict
                 rows.append(dict(tool=tool, setting=kw, skipped=skipped[tool]))
             continue
         rs = runs[i]
-        row = dict(tool=tool, setting=kw, runs=rs, seconds=statistics.median(r["seconds"] for r in rs),
-                   hvps=rs[-1]["hvps"], value=rs[-1]["value"], rel_error=max(r["rel_error"] for r in rs))
+        row = dict(
+            tool=tool,
+            setting=kw,
+            runs=rs,
+            seconds=statistics.median(r["seconds"] for r in rs),
+            hvps=rs[-1]["hvps"],
+            value=rs[-1]["value"],
+            rel_error=max(r["rel_error"] for r in rs),
+        )
         rows.append(row)
         hv = ",".join(str(r["hvps"]) for r in rs)
-        print(f"  {tool:20s} {str(kw):28s} {hv:>8s} HVPs {row['seconds']:7.3f} s (median)  rel.err ≤ {row['rel_error']:.1e}")
+        print(
+            f"  {tool:20s} {str(kw):28s} {hv:>8s} HVPs {row['seconds']:7.3f} s (median)  rel.err ≤ {row['rel_error']:.1e}"
+        )
     return dict(rows=rows)
 
 
@@ -288,11 +315,21 @@ def main() -> dict:
     d = flat_preconditioner(opt)
     ref_pre = reference_eigs(pb, d, k=2)
     ref_raw = reference_eigs(pb, None, k=2)
-    print(f"{pb.name} at step {opt.steps_taken}: reference λ_max(P⁻¹H)={ref_pre[0]:.8g} (λ2/λ1={ref_pre[1]/ref_pre[0]:.3f}), "
-          f"λ_max(H)={ref_raw[0]:.8g} (λ2/λ1={ref_raw[1]/ref_raw[0]:.3f}); clock: {CLOCK_NAME}")
-    out = {"problem": pb.name, "n_params": pb.n_params, "step": opt.steps_taken, "reference_preconditioned": ref_pre,
-           "reference_raw": ref_raw, "clock": CLOCK_NAME, "repeat": REPEAT, "loose_tol": LOOSE_TOL,
-           "warm_runs": {str(k): dict(tol=v["tol"], seconds=v["seconds"], hvps=v["hvps"]) for k, v in warm.items()}}
+    print(
+        f"{pb.name} at step {opt.steps_taken}: reference λ_max(P⁻¹H)={ref_pre[0]:.8g} (λ2/λ1={ref_pre[1] / ref_pre[0]:.3f}), "
+        f"λ_max(H)={ref_raw[0]:.8g} (λ2/λ1={ref_raw[1] / ref_raw[0]:.3f}); clock: {CLOCK_NAME}"
+    )
+    out = {
+        "problem": pb.name,
+        "n_params": pb.n_params,
+        "step": opt.steps_taken,
+        "reference_preconditioned": ref_pre,
+        "reference_raw": ref_raw,
+        "clock": CLOCK_NAME,
+        "repeat": REPEAT,
+        "loose_tol": LOOSE_TOL,
+        "warm_runs": {str(k): dict(tol=v["tol"], seconds=v["seconds"], hvps=v["hvps"]) for k, v in warm.items()},
+    }
     targets = []
     for which, dd, ref in [("preconditioned", d, ref_pre[0]), ("raw", None, ref_raw[0])]:
         print(f" {which}:")
@@ -302,26 +339,48 @@ def main() -> dict:
         best = fastest(rows)
         entry["fastest_peer"] = best
         info = entry["informational"] = {}
-        same = [r for r in rows if r["tool"] == "torch graph+eigsh" and r["setting"] == dict(ncv=8, tol=1e-3) and "value" in r]
+        same = [
+            r
+            for r in rows
+            if r["tool"] == "torch graph+eigsh" and r["setting"] == dict(ncv=8, tol=1e-3) and "value" in r
+        ]
         kinds = ["cold"] + (["warm"] if which == "preconditioned" else [])
         for kind in kinds:
             r, loose = mine[(f"stableopt {kind}", 1e-3)], mine[(f"stableopt {kind}", LOOSE_TOL)]
             if same:
                 info[f"same tol 1e-3: torch graph+eigsh / stableopt {kind}"] = same[0]["seconds"] / r["seconds"]
             if best is not None and loose["rel_error"] <= 1e-3:
-                info[f"both tuned (stableopt tol {LOOSE_TOL:g}): fastest peer / stableopt {kind}"] = best["seconds"] / loose["seconds"]
+                info[f"both tuned (stableopt tol {LOOSE_TOL:g}): fastest peer / stableopt {kind}"] = (
+                    best["seconds"] / loose["seconds"]
+                )
         if best is None:
             print("  no peer setting reached 1e-3")
         else:
             print(f"  fastest peer: {best['tool']} {best['setting']} {best['seconds']:.3f} s")
             cold = mine[("stableopt cold", 1e-3)]
-            targets.append(target(f"{which}: fastest peer time / stableopt cold time", best["seconds"] / cold["seconds"], 1.0,
-                                  fmt="{:.2f}", higher_is_better=True))
+            targets.append(
+                target(
+                    f"{which}: fastest peer time / stableopt cold time",
+                    best["seconds"] / cold["seconds"],
+                    1.0,
+                    fmt="{:.2f}",
+                    higher_is_better=True,
+                )
+            )
             if which == "preconditioned":
                 w = mine[("stableopt warm", 1e-3)]
-                targets.append(target("preconditioned: fastest peer time / stableopt warm time", best["seconds"] / w["seconds"],
-                                      3.0, fmt="{:.2f}", higher_is_better=True))
-                targets.append(target("preconditioned: warm estimate relative error", w["rel_error"], 1e-3, fmt="{:.1e}"))
+                targets.append(
+                    target(
+                        "preconditioned: fastest peer time / stableopt warm time",
+                        best["seconds"] / w["seconds"],
+                        3.0,
+                        fmt="{:.2f}",
+                        higher_is_better=True,
+                    )
+                )
+                targets.append(
+                    target("preconditioned: warm estimate relative error", w["rel_error"], 1e-3, fmt="{:.1e}")
+                )
         for label, value in info.items():
             print(f"  [info] {which}: {label}: {value:.2f}")
         out[which] = entry

@@ -40,7 +40,9 @@ def main(argv: list[str]) -> int:
             print(f"  [ERROR] {name}: no result")
             continue
         for tg in json.loads(path.read_text()).get("targets", []):
-            print(f"  [{'PASS' if tg['pass'] else 'MISS'}] {name}: {tg['target']}: {tg['value']:.4g} (limit {tg['limit']:g})")
+            print(
+                f"  [{'PASS' if tg['pass'] else 'MISS'}] {name}: {tg['target']}: {tg['value']:.4g} (limit {tg['limit']:g})"
+            )
     return 1 if failed else 0
 
 

@@ -13,10 +13,21 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import torch
-
 import common
-from common import CLOCK_NAME, QUICK, adam_state, clock, make_cnn, flat_preconditioner, peak_memory, reference_eigs, save, target, trained_mlp
+import torch
+from common import (
+    CLOCK_NAME,
+    QUICK,
+    adam_state,
+    clock,
+    flat_preconditioner,
+    make_cnn,
+    peak_memory,
+    reference_eigs,
+    save,
+    target,
+    trained_mlp,
+)
 
 import stableopt
 import stableopt.sharpness as S
@@ -43,17 +54,32 @@ def measure(opt, pb, *, bound: str, tol: float, warm: dict | None, raw: bool = F
 
 def cold_table(pb, opt, ref_pre: float, ref_raw: float, repeats: int) -> list[dict]:
     rows = []
-    settings = [("residual", 1e-3), ("gap", 1e-3)] if QUICK else [("residual", 1e-3), ("residual", 1e-2), ("gap", 1e-3), ("gap", 1e-2)]
+    settings = (
+        [("residual", 1e-3), ("gap", 1e-3)]
+        if QUICK
+        else [("residual", 1e-3), ("residual", 1e-2), ("gap", 1e-3), ("gap", 1e-2)]
+    )
     sgd = stableopt.SGD(pb.params, lr=0.05)  # P = I: λ_max(H)
     for which, o, ref in [("preconditioned", opt, ref_pre), ("raw", sgd, ref_raw)]:
         for bound, tol in settings:
-            for r in range(repeats):
+            for _r in range(repeats):
                 rep = measure(o, pb, bound=bound, tol=tol, warm=None)
                 err = abs(rep.preconditioned - ref) / abs(ref)
-                rows.append(dict(quantity=which, bound=bound, tol=tol, hvps=rep.hvps,
-                                 seconds=rep.seconds, rel_error=err, converged=rep.converged))
-                print(f"  cold {which:14s} {bound:8s} tol={tol:g}: {rep.hvps:3d} HVPs {rep.seconds:6.2f} s "
-                      f"rel.err {err:.1e}")
+                rows.append(
+                    dict(
+                        quantity=which,
+                        bound=bound,
+                        tol=tol,
+                        hvps=rep.hvps,
+                        seconds=rep.seconds,
+                        rel_error=err,
+                        converged=rep.converged,
+                    )
+                )
+                print(
+                    f"  cold {which:14s} {bound:8s} tol={tol:g}: {rep.hvps:3d} HVPs {rep.seconds:6.2f} s "
+                    f"rel.err {err:.1e}"
+                )
     return rows
 
 
@@ -73,12 +99,23 @@ def warm_run(pb, opt, *, steps: int, every: int, tol: float, bounds: list[str]) 
         for b in bounds:
             rep = measure(opt, pb, bound=b, tol=tol, warm=warms[b])
             err = abs(rep.preconditioned - ref.preconditioned) / abs(ref.preconditioned)
-            rows.append(dict(step=opt.steps_taken, bound=b, hvps=rep.hvps, seconds=rep.seconds,
-                             value=rep.preconditioned, reference=ref.preconditioned,
-                             second=ref.eigenvalues[0] if len(ref.eigenvalues) == 1 else ref.eigenvalues[1],
-                             rel_error=err, converged=rep.converged))
-            print(f"  warm step {opt.steps_taken:4d} {b:8s}: {rep.hvps:3d} HVPs {rep.seconds:5.2f} s "
-                  f"λ={rep.preconditioned:.6g} ref={ref.preconditioned:.6g} rel.err {err:.1e}")
+            rows.append(
+                dict(
+                    step=opt.steps_taken,
+                    bound=b,
+                    hvps=rep.hvps,
+                    seconds=rep.seconds,
+                    value=rep.preconditioned,
+                    reference=ref.preconditioned,
+                    second=ref.eigenvalues[0] if len(ref.eigenvalues) == 1 else ref.eigenvalues[1],
+                    rel_error=err,
+                    converged=rep.converged,
+                )
+            )
+            print(
+                f"  warm step {opt.steps_taken:4d} {b:8s}: {rep.hvps:3d} HVPs {rep.seconds:5.2f} s "
+                f"λ={rep.preconditioned:.6g} ref={ref.preconditioned:.6g} rel.err {err:.1e}"
+            )
     return rows
 
 
@@ -106,13 +143,20 @@ def memory(pb, opt) -> dict:
     opt._stableopt_warm = saved
     opt.zero_grad(set_to_none=True)
     resident = 4 * 4 * pb.n_params + pb.x.numel() * pb.x.element_size() + pb.y.numel() * pb.y.element_size()
-    out = dict(problem=pb.name, train_step_extra=step_peak, cold_measurement_extra=cold_peak,
-               warm_measurement_extra=warm_peak, resident_training_state=resident,
-               ratio_extra=cold_peak / max(step_peak, 1),
-               ratio_in_use=(resident + cold_peak) / (resident + step_peak))
-    print(f"  {pb.name} peak memory above baseline: training step {step_peak/1e6:.1f} MB, cold measurement "
-          f"{cold_peak/1e6:.1f} MB, warm {warm_peak/1e6:.1f} MB; resident training state {resident/1e6:.1f} MB "
-          f"→ in-use ratio {out['ratio_in_use']:.2f}")
+    out = dict(
+        problem=pb.name,
+        train_step_extra=step_peak,
+        cold_measurement_extra=cold_peak,
+        warm_measurement_extra=warm_peak,
+        resident_training_state=resident,
+        ratio_extra=cold_peak / max(step_peak, 1),
+        ratio_in_use=(resident + cold_peak) / (resident + step_peak),
+    )
+    print(
+        f"  {pb.name} peak memory above baseline: training step {step_peak / 1e6:.1f} MB, cold measurement "
+        f"{cold_peak / 1e6:.1f} MB, warm {warm_peak / 1e6:.1f} MB; resident training state {resident / 1e6:.1f} MB "
+        f"→ in-use ratio {out['ratio_in_use']:.2f}"
+    )
     return out
 
 
@@ -124,8 +168,10 @@ def main() -> dict:
     d = flat_preconditioner(opt)
     ref_pre = reference_eigs(pb, d, tol=1e-8)
     ref_raw = reference_eigs(pb, None, tol=1e-8)
-    print(f"{pb.name}: {pb.n_params} params; reference λ_max(P⁻¹H)={ref_pre[0]:.8g} (λ2/λ1={ref_pre[1]/ref_pre[0]:.3f}), "
-          f"λ_max(H)={ref_raw[0]:.8g} (λ2/λ1={ref_raw[1]/ref_raw[0]:.3f}) [{time.perf_counter()-t0:.0f} s]")
+    print(
+        f"{pb.name}: {pb.n_params} params; reference λ_max(P⁻¹H)={ref_pre[0]:.8g} (λ2/λ1={ref_pre[1] / ref_pre[0]:.3f}), "
+        f"λ_max(H)={ref_raw[0]:.8g} (λ2/λ1={ref_raw[1] / ref_raw[0]:.3f}) [{time.perf_counter() - t0:.0f} s]"
+    )
     cold = cold_table(pb, opt, ref_pre[0], ref_raw[0], repeats=2)
     bounds = ["residual", "gap"]  # the default is residual cold, gap warm
     warm = warm_run(pb, opt, steps=20 if QUICK else 48, every=5 if QUICK else 6, tol=1e-3, bounds=bounds)
@@ -135,8 +181,10 @@ def main() -> dict:
     gopt = adam_state(gauss, steps=10)
     gref_pre = reference_eigs(gauss, flat_preconditioner(gopt), k=4, tol=1e-8)
     gref_raw = reference_eigs(gauss, None, k=4, tol=1e-8)
-    print(f"{gauss.name}: reference λ(P⁻¹H) top 4 ratios {[round(x / gref_pre[0], 4) for x in gref_pre]}, "
-          f"λ(H) {[round(x / gref_raw[0], 4) for x in gref_raw]}")
+    print(
+        f"{gauss.name}: reference λ(P⁻¹H) top 4 ratios {[round(x / gref_pre[0], 4) for x in gref_pre]}, "
+        f"λ(H) {[round(x / gref_raw[0], 4) for x in gref_raw]}"
+    )
     crowded = cold_table(gauss, gopt, gref_pre[0], gref_raw[0], repeats=2)
     del gauss, gopt
 
@@ -153,22 +201,56 @@ def main() -> dict:
         target("cold λ_max(P⁻¹H) worst relative error", max(r["rel_error"] for r in pre_cold), 1e-3, fmt="{:.1e}"),
         target("warm λ_max(P⁻¹H) mean HVPs", mean([r["hvps"] for r in w]), 10, fmt="{:.1f}"),
         target("warm worst relative error vs tight reference", max(r["rel_error"] for r in w), 1e-3, fmt="{:.1e}"),
-        target(f"peak memory in use, cold measurement / training step ({pb.name})", mem["ratio_in_use"], 3.0, fmt="{:.2f}"),
-        target(f"peak memory in use, cold measurement / training step ({mem_cnn['problem']})", mem_cnn["ratio_in_use"], 3.0, fmt="{:.2f}"),
+        target(
+            f"peak memory in use, cold measurement / training step ({pb.name})", mem["ratio_in_use"], 3.0, fmt="{:.2f}"
+        ),
+        target(
+            f"peak memory in use, cold measurement / training step ({mem_cnn['problem']})",
+            mem_cnn["ratio_in_use"],
+            3.0,
+            fmt="{:.2f}",
+        ),
     ]
     summary = {}
     for b in bounds:
         wb = [r for r in warm if r["bound"] == b]
-        summary[b] = dict(warm_mean_hvps=mean([r["hvps"] for r in wb]), warm_max_error=max(r["rel_error"] for r in wb),
-                          warm_mean_seconds=mean([r["seconds"] for r in wb]))
-        print(f"  warm {b:8s}: mean {summary[b]['warm_mean_hvps']:.1f} HVPs, {summary[b]['warm_mean_seconds']:.2f} s, "
-              f"max rel.err {summary[b]['warm_max_error']:.1e}")
-    return save("sharpness", dict(problem=pb.name, n_params=pb.n_params, reference_preconditioned=ref_pre,
-                                  reference_raw=ref_raw, crowded=dict(problem="mlp-gauss" + ("-quick" if QUICK else ""), reference_preconditioned=gref_pre,
-                                  reference_raw=gref_raw, cold=crowded), max_basis=S.MAX_BASIS, default_bound=default, default_warm_bound=S.WARM_STOP_BOUND,
-                                  gap_residual_cap=stableopt.eigen.GAP_RESIDUAL_CAP, warm_min_iters=S.WARM_MIN_ITERS,
-                                  warm_mix=S.WARM_MIX, clock=CLOCK_NAME, memory=[mem, mem_cnn], cold=cold, warm=warm, warm_summary=summary, targets=targets,
-                                  seconds=time.perf_counter() - t0))
+        summary[b] = dict(
+            warm_mean_hvps=mean([r["hvps"] for r in wb]),
+            warm_max_error=max(r["rel_error"] for r in wb),
+            warm_mean_seconds=mean([r["seconds"] for r in wb]),
+        )
+        print(
+            f"  warm {b:8s}: mean {summary[b]['warm_mean_hvps']:.1f} HVPs, {summary[b]['warm_mean_seconds']:.2f} s, "
+            f"max rel.err {summary[b]['warm_max_error']:.1e}"
+        )
+    return save(
+        "sharpness",
+        dict(
+            problem=pb.name,
+            n_params=pb.n_params,
+            reference_preconditioned=ref_pre,
+            reference_raw=ref_raw,
+            crowded=dict(
+                problem="mlp-gauss" + ("-quick" if QUICK else ""),
+                reference_preconditioned=gref_pre,
+                reference_raw=gref_raw,
+                cold=crowded,
+            ),
+            max_basis=S.MAX_BASIS,
+            default_bound=default,
+            default_warm_bound=S.WARM_STOP_BOUND,
+            gap_residual_cap=stableopt.eigen.GAP_RESIDUAL_CAP,
+            warm_min_iters=S.WARM_MIN_ITERS,
+            warm_mix=S.WARM_MIX,
+            clock=CLOCK_NAME,
+            memory=[mem, mem_cnn],
+            cold=cold,
+            warm=warm,
+            warm_summary=summary,
+            targets=targets,
+            seconds=time.perf_counter() - t0,
+        ),
+    )
 
 
 if __name__ == "__main__":

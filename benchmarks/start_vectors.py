@@ -17,7 +17,6 @@ import statistics
 import time
 
 import torch
-
 from common import QUICK, adam_state, clock, flat_operator, flat_preconditioner, reference_eigs, save, trained_mlp
 
 import stableopt
@@ -41,7 +40,9 @@ def case(label: str, pb, opt, quantities: tuple[str, ...]) -> list[dict]:
         d = flat_preconditioner(opt) if quantity == "preconditioned" else None
         mv = flat_operator(hvp, params, d)
         lam = reference_eigs(pb, d, k=3)
-        vecs = stableopt.lanczos(mv, n=n, k=3, tol=1e-6, max_iters=300, generator=torch.Generator().manual_seed(1)).eigenvectors
+        vecs = stableopt.lanczos(
+            mv, n=n, k=3, tol=1e-6, max_iters=300, generator=torch.Generator().manual_seed(1)
+        ).eigenvectors
         g = unit(grad if d is None else d * grad)
         cos = [abs(float(g @ unit(v))) for v in vecs]
         out = {"random": [], "gradient + random": []}
@@ -53,13 +54,23 @@ def case(label: str, pb, opt, quantities: tuple[str, ...]) -> list[dict]:
                 err = abs(float(res.eigenvalues[0]) - lam[0]) / abs(lam[0])
                 out[start].append(dict(hvps=res.matvecs, rel_error=err, seconds=clock() - t0))
         for start, solves in out.items():
-            row = dict(case=label, quantity=quantity, start=start, top=[x / lam[0] for x in lam], cos_top3=cos,
-                       solves=solves, mean_hvps=statistics.mean(s["hvps"] for s in solves),
-                       wrong=sum(s["rel_error"] > TOL for s in solves))
+            row = dict(
+                case=label,
+                quantity=quantity,
+                start=start,
+                top=[x / lam[0] for x in lam],
+                cos_top3=cos,
+                solves=solves,
+                mean_hvps=statistics.mean(s["hvps"] for s in solves),
+                wrong=sum(s["rel_error"] > TOL for s in solves),
+            )
             rows.append(row)
-            print(f"  {label:18s} {quantity:14s} {start:18s} λ2/λ1 {lam[1] / lam[0]:.4f} |cos| {cos[0]:.3f} {cos[1]:.3f} "
-                  f"{cos[2]:.3f}: mean {row['mean_hvps']:.1f} HVPs, wrong {row['wrong']}/{len(solves)} "
-                  f"(worst error {max(s['rel_error'] for s in solves):.1e})", flush=True)
+            print(
+                f"  {label:18s} {quantity:14s} {start:18s} λ2/λ1 {lam[1] / lam[0]:.4f} |cos| {cos[0]:.3f} {cos[1]:.3f} "
+                f"{cos[2]:.3f}: mean {row['mean_hvps']:.1f} HVPs, wrong {row['wrong']}/{len(solves)} "
+                f"(worst error {max(s['rel_error'] for s in solves):.1e})",
+                flush=True,
+            )
     return rows
 
 
@@ -79,8 +90,10 @@ def main() -> dict:
     pb = trained_mlp(QUICK, inputs="gaussian")
     opt = adam_state(pb, steps=10)
     rows += case(f"{pb.name}, Adam 10", pb, opt, ("preconditioned", "raw"))
-    return save("start_vectors", dict(tol=TOL, seeds=SEEDS, max_basis=MAX_BASIS, rows=rows, targets=[],
-                                      seconds=time.perf_counter() - t0))
+    return save(
+        "start_vectors",
+        dict(tol=TOL, seeds=SEEDS, max_basis=MAX_BASIS, rows=rows, targets=[], seconds=time.perf_counter() - t0),
+    )
 
 
 if __name__ == "__main__":

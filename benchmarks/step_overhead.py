@@ -14,7 +14,6 @@ import statistics
 import time
 
 import torch
-
 from common import QUICK, clock, make_cnn, make_mlp, save, target
 
 import stableopt
@@ -50,9 +49,17 @@ def configs():
     lr = 1e-4
     for impl in ("foreach", "fused"):
         kw = {impl: True}
-        yield f"Adam-{impl}", (lambda p, kw=kw: torch.optim.Adam(p, lr=lr, **kw)), (lambda p, kw=kw, **extra: stableopt.Adam(p, lr=lr, **kw, **extra))
+        yield (
+            f"Adam-{impl}",
+            (lambda p, kw=kw: torch.optim.Adam(p, lr=lr, **kw)),
+            (lambda p, kw=kw, **extra: stableopt.Adam(p, lr=lr, **kw, **extra)),
+        )
         if impl == "foreach" or _sgd_has_fused():
-            yield f"SGD-mom-{impl}", (lambda p, kw=kw: torch.optim.SGD(p, lr=lr, momentum=0.9, **kw)), (lambda p, kw=kw, **extra: stableopt.SGD(p, lr=lr, momentum=0.9, **kw, **extra))
+            yield (
+                f"SGD-mom-{impl}",
+                (lambda p, kw=kw: torch.optim.SGD(p, lr=lr, momentum=0.9, **kw)),
+                (lambda p, kw=kw, **extra: stableopt.SGD(p, lr=lr, momentum=0.9, **kw, **extra)),
+            )
 
 
 def _sgd_has_fused() -> bool:
@@ -106,16 +113,35 @@ def main() -> dict:
                 variants["guard"] = _with_guard(make_o)
             for variant, make in variants.items():
                 ratio, tt, to = _ratio(make_t, make, pb, rounds=rounds, number=number)
-                rows.append(dict(problem=pb.name, optimizer=name, variant=variant, ratio=ratio,
-                                 torch_ms=tt * 1e3, stableopt_ms=to * 1e3))
-                print(f"  {pb.name:10s} {name:16s} {variant:16s} torch {tt*1e3:7.3f} ms  stableopt {to*1e3:7.3f} ms  ratio {ratio:.3f}")
+                rows.append(
+                    dict(
+                        problem=pb.name,
+                        optimizer=name,
+                        variant=variant,
+                        ratio=ratio,
+                        torch_ms=tt * 1e3,
+                        stableopt_ms=to * 1e3,
+                    )
+                )
+                print(
+                    f"  {pb.name:10s} {name:16s} {variant:16s} torch {tt * 1e3:7.3f} ms  stableopt {to * 1e3:7.3f} ms  ratio {ratio:.3f}"
+                )
     for variant in sorted({r["variant"] for r in rows}):
         worst = max(r["ratio"] for r in rows if r["variant"] == variant)
         med = statistics.median(r["ratio"] for r in rows if r["variant"] == variant)
         targets.append(target(f"step overhead, {variant}: median over configs (worst {worst:.3f})", med, 1.02))
-    return save("step_overhead", dict(rows=rows, has_monitor=has_monitor, has_guard=has_guard,
-                                      rounds=rounds, number=number, targets=targets,
-                                      seconds=time.perf_counter() - t0))
+    return save(
+        "step_overhead",
+        dict(
+            rows=rows,
+            has_monitor=has_monitor,
+            has_guard=has_guard,
+            rounds=rounds,
+            number=number,
+            targets=targets,
+            seconds=time.perf_counter() - t0,
+        ),
+    )
 
 
 if __name__ == "__main__":

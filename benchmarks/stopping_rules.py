@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from common import QUICK, save
 
 import stableopt
@@ -30,7 +29,7 @@ def crowded(seed: int, top: tuple[float, ...]) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     U, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64))
     evals = torch.linspace(-0.2, 0.85, N, dtype=torch.float64)
-    evals[N - len(top):] = torch.tensor(sorted(top), dtype=torch.float64)
+    evals[N - len(top) :] = torch.tensor(sorted(top), dtype=torch.float64)
     return (U * evals) @ U.T
 
 
@@ -44,11 +43,21 @@ def run(A: torch.Tensor, starts: list[torch.Tensor | None], min_iters: int, lam:
             fails, products = 0, 0
             for i, v0 in enumerate(starts):
                 kw = dict(n=N, generator=torch.Generator().manual_seed(i)) if v0 is None else {}
-                r = stableopt.lanczos(lambda x: A @ x, v0, tol=1e-3, bound=bound, max_iters=N,
-                                      min_iters=min_iters, dtype=torch.float64, **kw)
+                r = stableopt.lanczos(
+                    lambda x: A @ x,
+                    v0,
+                    tol=1e-3,
+                    bound=bound,
+                    max_iters=N,
+                    min_iters=min_iters,
+                    dtype=torch.float64,
+                    **kw,
+                )
                 fails += abs(float(r.eigenvalues[0]) - lam) > 1e-3 * lam
                 products += r.matvecs
-            rows.append(dict(bound=bound, cap=cap, fails=fails, solves=len(starts), mean_products=products / len(starts)))
+            rows.append(
+                dict(bound=bound, cap=cap, fails=fails, solves=len(starts), mean_products=products / len(starts))
+            )
     finally:
         E.GAP_RESIDUAL_CAP = saved
     return rows
@@ -73,8 +82,15 @@ def main() -> dict:
                 A_prev = (U * sw) @ U.T
             starts = []
             for s in range(warm_n):
-                p = stableopt.lanczos(lambda x: A_prev @ x, n=N, tol=1e-3, num_vectors=2, max_iters=N,
-                                      generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                p = stableopt.lanczos(
+                    lambda x, A_prev=A_prev: A_prev @ x,
+                    n=N,
+                    tol=1e-3,
+                    num_vectors=2,
+                    max_iters=N,
+                    generator=torch.Generator().manual_seed(s),
+                    dtype=torch.float64,
+                )
                 starts.append(p.eigenvectors[0] + WARM_MIX * p.eigenvectors[1])
             cases.append((f"warm, {drift}", starts, WARM_MIN_ITERS))
         for name, starts, mi in cases:
@@ -82,10 +98,14 @@ def main() -> dict:
                 r.update(spectrum=top, case=name)
                 results.append(r)
                 rule = r["bound"] + ("" if r["cap"] is None else f" cap {r['cap']:g}")
-                print(f"  λ2/λ1={top[1]:<7g} {name:22s} {rule:12s} wrong {r['fails']:3d}/{r['solves']}  "
-                      f"mean products {r['mean_products']:.1f}", flush=True)
-    return save("stopping_rules", dict(n=N, spectra=SPECTRA, rows=results, targets=[],
-                                       seconds=time.perf_counter() - t0))
+                print(
+                    f"  λ2/λ1={top[1]:<7g} {name:22s} {rule:12s} wrong {r['fails']:3d}/{r['solves']}  "
+                    f"mean products {r['mean_products']:.1f}",
+                    flush=True,
+                )
+    return save(
+        "stopping_rules", dict(n=N, spectra=SPECTRA, rows=results, targets=[], seconds=time.perf_counter() - t0)
+    )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import copy
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-
 from common import CLOCK_NAME, QUICK, clock, save, trained_mlp
 
 import stableopt
@@ -88,14 +87,21 @@ def run(name: str, base: torch.nn.Module, loss_of, steps: int) -> dict:
         if t % REF_EVERY == 0:
             plain = copies["none"]
             for c in configs[1:]:  # monitoring must not have changed the trajectory
-                assert all(torch.equal(a, b) for a, b in zip(plain["model"].parameters(), copies[c]["model"].parameters())), c
+                assert all(
+                    torch.equal(a, b) for a, b in zip(plain["model"].parameters(), copies[c]["model"].parameters())
+                ), c
             refs[t] = plain["opt"].sharpness(plain["loss_fn"], tol=REF_TOL, max_iters=300).ratio
             last = copies["every=100"]["monitor"].last
             held[t] = last.ratio if last is not None else float("nan")
         if t % max(1, steps // 10) == 0:
             print(f"  {name} step {t}/{steps}: ratio {refs.get(t, float('nan')):.4f}", flush=True)
     base_s = copies["none"]["seconds"]
-    out = {"steps": steps, "params": sum(p.numel() for p in base.parameters()), "seconds_unmonitored": base_s, "configs": {}}
+    out = {
+        "steps": steps,
+        "params": sum(p.numel() for p in base.parameters()),
+        "seconds_unmonitored": base_s,
+        "configs": {},
+    }
     for c in configs[1:]:
         cp = copies[c]
         row = {"overhead_pct": 100 * (cp["seconds"] / base_s - 1), "seconds": cp["seconds"]}
@@ -111,13 +117,18 @@ def run(name: str, base: torch.nn.Module, loss_of, steps: int) -> dict:
             row["error_after"] = _quantiles([e for t, e in errs.items() if t > WARMUP])
             row["error_second_half"] = _quantiles([e for t, e in errs.items() if t > steps // 2])
             row["residual_after_median"] = statistics.median(
-                [float(x) for s, x in zip(tr["track_step"].tolist(), tr["track_residual"].tolist()) if s > WARMUP] or [float("nan")]
+                [float(x) for s, x in zip(tr["track_step"].tolist(), tr["track_residual"].tolist()) if s > WARMUP]
+                or [float("nan")]
             )
         else:
             own = dict(zip(h["step"].tolist(), h["ratio"].tolist()))
             row["error_at_its_steps"] = _quantiles([abs(own[t] - r) / r for t, r in refs.items() if t in own])
-            row["error_held"] = _quantiles([abs(held[t] - r) / r for t, r in refs.items() if t >= 100 and held[t] == held[t]])
-            row["error_held_second_half"] = _quantiles([abs(held[t] - r) / r for t, r in refs.items() if t > steps // 2])
+            row["error_held"] = _quantiles(
+                [abs(held[t] - r) / r for t, r in refs.items() if t >= 100 and held[t] == held[t]]
+            )
+            row["error_held_second_half"] = _quantiles(
+                [abs(held[t] - r) / r for t, r in refs.items() if t > steps // 2]
+            )
             row["hvps_per_measurement_mean"] = statistics.fmean(h["hvps"].tolist())
         out["configs"][c] = row
     out["reference_ratio"] = {str(t): r for t, r in refs.items()}
@@ -133,16 +144,34 @@ def main() -> None:
     for name, model, loss_of, steps in _problems():
         print(f"== {name}: {steps} steps ==", flush=True)
         results[name] = run(name, model, loss_of, steps)
-    print(f"\nerrors: relative error of the ratio vs a tol-{REF_TOL:g} solve every {REF_EVERY} steps, median / p90 / max; clock: {CLOCK_NAME}")
+    print(
+        f"\nerrors: relative error of the ratio vs a tol-{REF_TOL:g} solve every {REF_EVERY} steps, median / p90 / max; clock: {CLOCK_NAME}"
+    )
     for name, r in results.items():
         print(f"\n{name} ({r['params']:,} parameters, {r['steps']} steps)")
-        print(f"  {'config':<10} {'overhead':>9}  {'HVPs':>4}  {'error, steps ≤ %d' % WARMUP:<26} {'error after':<26} {'error, 2nd half':<26}")
+        print(
+            f"  {'config':<10} {'overhead':>9}  {'HVPs':>4}  {f'error, steps ≤ {WARMUP}':<26} {'error after':<26} {'error, 2nd half':<26}"
+        )
         for c, row in r["configs"].items():
             if c in TRACKING_LABELS:
-                print(f"  {c:<10} {row['overhead_pct']:8.1f}%  {row['hvps_per_step_max']:>4}  {_fmt(row['error_warmup']):<26} {_fmt(row['error_after']):<26} {_fmt(row['error_second_half']):<26}")
+                print(
+                    f"  {c:<10} {row['overhead_pct']:8.1f}%  {row['hvps_per_step_max']:>4}  {_fmt(row['error_warmup']):<26} {_fmt(row['error_after']):<26} {_fmt(row['error_second_half']):<26}"
+                )
             else:
-                print(f"  {c:<10} {row['overhead_pct']:8.1f}%  {'—':>4}  at its steps {_fmt(row['error_at_its_steps'])}; held {_fmt(row['error_held'])}, 2nd half {_fmt(row['error_held_second_half'])}")
-    save("tracking", {"budgets": list(BUDGETS), "tracking": TRACKING, "ref_every": REF_EVERY, "ref_tol": REF_TOL, "warmup": WARMUP, "problems": results})
+                print(
+                    f"  {c:<10} {row['overhead_pct']:8.1f}%  {'—':>4}  at its steps {_fmt(row['error_at_its_steps'])}; held {_fmt(row['error_held'])}, 2nd half {_fmt(row['error_held_second_half'])}"
+                )
+    save(
+        "tracking",
+        {
+            "budgets": list(BUDGETS),
+            "tracking": TRACKING,
+            "ref_every": REF_EVERY,
+            "ref_tol": REF_TOL,
+            "warmup": WARMUP,
+            "problems": results,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -53,14 +53,20 @@ def render(path: str) -> None:
     console.print(render_saved(history, "digits-adam.safetensors"))
     svg = os.path.join(HERE, "report.svg")
     console.save_svg(svg, title="stableopt report")
-    stableopt.plot_history(history, os.path.join(HERE, "figure1.png"), title="Adam on digits, full batch: the Adaptive Edge of Stability")
+    stableopt.plot_history(
+        history, os.path.join(HERE, "figure1.png"), title="Adam on digits, full batch: the Adaptive Edge of Stability"
+    )
     try:
         import cairosvg
     except ImportError:
         print("cairosvg not installed: wrote docs/report.svg and docs/figure1.png only", file=sys.stderr)
         return
     with open(svg, encoding="utf-8") as f:  # cairo has no web fonts: use a local monospace font
-        text = f.read().replace('"Fira Code"', '"DejaVu Sans Mono"').replace("Fira Code, monospace", "DejaVu Sans Mono, monospace")
+        text = (
+            f.read()
+            .replace('"Fira Code"', '"DejaVu Sans Mono"')
+            .replace("Fira Code, monospace", "DejaVu Sans Mono, monospace")
+        )
     cairosvg.svg2png(bytestring=text.encode(), write_to=os.path.join(HERE, "report.png"), output_width=1400)
 
 

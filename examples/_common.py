@@ -10,11 +10,10 @@ claim it demonstrates (the exit status is 1 when the claim does not hold).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,15 +35,24 @@ def parser(description: str, *, steps: int, quick_steps: int) -> argparse.Argume
     """The options every example has: --quick, --steps, --every, --seed, --out."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"short CI run ({quick_steps} steps, weaker assertions)")
-    p.add_argument("--steps", type=positive_int, default=None, help=f"training steps (default {steps}; {quick_steps} with --quick)")
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help=f"training steps (default {steps}; {quick_steps} with --quick)"
+    )
     p.add_argument("--every", type=positive_int, default=None, help="measure the sharpness every N steps")
     p.add_argument("--seed", type=int, default=0, help="initialisation (and batch order) seed (default 0)")
-    p.add_argument("--out", type=Path, default=Path("out"), help="folder for the .safetensors history and the .png figure (default ./out)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out"),
+        help="folder for the .safetensors history and the .png figure (default ./out)",
+    )
     p.set_defaults(_steps=steps, _quick_steps=quick_steps)
     return p
 
 
-def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None, *, every: int, quick_every: int) -> argparse.Namespace:
+def parse(
+    p: argparse.ArgumentParser, argv: Sequence[str] | None = None, *, every: int, quick_every: int
+) -> argparse.Namespace:
     """Parse, fill ``steps``/``every`` from the --quick defaults, seed torch, create ``--out``."""
     args = p.parse_args(argv)
     if args.steps is None:
@@ -84,7 +92,9 @@ def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(output, target.argmax(dim=1))
 
 
-def problem(*, seed: int = 0, width: int = 128, depth: int = 2, activation: str = "tanh", loss: str = "mse", n: int = 1000) -> Problem:
+def problem(
+    *, seed: int = 0, width: int = 128, depth: int = 2, activation: str = "tanh", loss: str = "mse", n: int = 1000
+) -> Problem:
     """The docs/science.md digits problem (or a variant of its network and loss)."""
     x, y, source = digits_data(n)
     widths = (x.shape[1],) + (width,) * depth + (y.shape[1],)
@@ -99,7 +109,15 @@ def describe(prob: Problem) -> str:
     return f"{prob.source}, {act} MLP {'-'.join(map(str, widths))}, {loss}"
 
 
-def train(opt: torch.optim.Optimizer, prob: Problem, steps: int, *, batch_size: int | None = None, generator: torch.Generator | None = None, on_step: Callable[[int, float], None] | None = None) -> float:
+def train(
+    opt: torch.optim.Optimizer,
+    prob: Problem,
+    steps: int,
+    *,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> float:
     """``steps`` optimizer steps, full batch or on shuffled mini-batches; returns the last loss.
 
     Raises:
@@ -130,7 +148,7 @@ def train(opt: torch.optim.Optimizer, prob: Problem, steps: int, *, batch_size: 
 
 
 # -- reading a history --------------------------------------------------------------------------
-def window(history: "stableopt.History", name: str, start: int, stop: int | None = None) -> np.ndarray:
+def window(history: stableopt.History, name: str, start: int, stop: int | None = None) -> np.ndarray:
     """The column ``name`` restricted to measurements with start ≤ step ≤ stop."""
     step = history.column("step")
     values = history.column(name)
@@ -197,7 +215,7 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def save_history(history: "stableopt.History", path: Path) -> Path:
+def save_history(history: stableopt.History, path: Path) -> Path:
     history.save(path)
     console.print(f"history: {path} ({len(history)} measurements)")
     return path

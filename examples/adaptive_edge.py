@@ -22,9 +22,9 @@ import sys
 import time
 
 import numpy as np
+from _common import ACTIVATIONS, Claims, console, describe, parse, parser, problem, save_history, table, train, window
 
 import stableopt
-from _common import ACTIVATIONS, Claims, console, describe, parse, parser, problem, save_history, table, train, window
 
 DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-4, "sgd": 0.5}
 
@@ -44,7 +44,9 @@ def main(argv=None) -> int:
     p = parser(__doc__.split("\n\n")[0], steps=1500, quick_steps=500)
     p.epilog = __doc__.split("\n\n", 1)[1]
     p.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default="adam", help="the method (default adam)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: adam/adamw 1e-3, rmsprop 1e-4, sgd 0.5)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: adam/adamw 1e-3, rmsprop 1e-4, sgd 0.5)"
+    )
     p.add_argument("--beta1", type=float, default=0.9, help="Adam's β1 (default 0.9)")
     p.add_argument("--beta2", type=float, default=None, help="Adam's β2 (default 0.999) or RMSprop's α (default 0.99)")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD / RMSprop momentum (default 0)")
@@ -61,8 +63,10 @@ def main(argv=None) -> int:
 
     prob = problem(seed=args.seed, width=args.width, depth=args.depth, activation=args.activation, loss=args.loss)
     opt = make_optimizer(args.optimizer, prob.model.parameters(), args)
-    console.print(f"[bold]{type(opt).__name__}[/] (lr={opt.param_groups[0]['lr']:g}) on {describe(prob)}; "
-                  f"{args.steps} full-batch steps, sharpness every {args.every}")
+    console.print(
+        f"[bold]{type(opt).__name__}[/] (lr={opt.param_groups[0]['lr']:g}) on {describe(prob)}; "
+        f"{args.steps} full-batch steps, sharpness every {args.every}"
+    )
     opt.monitor(prob.loss_fn, every=args.every, raw=True)
     train(opt, prob, args.steps)
     opt.report()
@@ -70,31 +74,50 @@ def main(argv=None) -> int:
     h = opt.history
     name = "adaptive_edge" if args.optimizer == "adam" else f"adaptive_edge_{args.optimizer}"
     save_history(h, args.out / f"{name}.safetensors")
-    stableopt.plot_history(h, args.out / f"{name}.png", dpi=80,
-                           title=f"{type(opt).__name__} lr={opt.param_groups[0]['lr']:g}: λ_max(P⁻¹H) meets its threshold")
+    stableopt.plot_history(
+        h,
+        args.out / f"{name}.png",
+        dpi=80,
+        title=f"{type(opt).__name__} lr={opt.param_groups[0]['lr']:g}: λ_max(P⁻¹H) meets its threshold",
+    )
     console.print(f"figure: {args.out / f'{name}.png'}")
 
     marks = [s for s in (100, 200, 300, 400, 800, 1000, 1500) if s <= args.steps]
     steps, ratio, raw = h.column("step"), h.column("ratio"), h.column("raw")
-    table("milestones", ["step", "ratio", "raw λ_max(H)"],
-          [(s, f"{ratio[np.argmin(abs(steps - s))]:.3f}", f"{raw[np.argmin(abs(steps - s))]:.2f}") for s in marks])
+    table(
+        "milestones",
+        ["step", "ratio", "raw λ_max(H)"],
+        [(s, f"{ratio[np.argmin(abs(steps - s))]:.3f}", f"{raw[np.argmin(abs(steps - s))]:.2f}") for s in marks],
+    )
 
     claims = Claims()
     first = float(ratio[0])
-    claims.check("progressive sharpening: the ratio starts ≥ 20 % below its peak", first <= 0.8 * ratio.max(),
-                 f"{first:.3f} at step {int(steps[0])}, peak {ratio.max():.3f}")
+    claims.check(
+        "progressive sharpening: the ratio starts ≥ 20 % below its peak",
+        first <= 0.8 * ratio.max(),
+        f"{first:.3f} at step {int(steps[0])}, peak {ratio.max():.3f}",
+    )
     if args.quick:
         late = window(h, "ratio", args.steps - 100)
-        claims.check("it reaches the edge and does not overshoot (max ratio in [0.95, 1.2])", 0.95 <= ratio.max() <= 1.2,
-                     f"max {ratio.max():.3f}")
-        claims.check("the last 100 steps hover at the edge (median within 15 % of 1)", abs(np.median(late) - 1) <= 0.15,
-                     f"median {np.median(late):.3f}, range {late.min():.3f}–{late.max():.3f}")
+        claims.check(
+            "it reaches the edge and does not overshoot (max ratio in [0.95, 1.2])",
+            0.95 <= ratio.max() <= 1.2,
+            f"max {ratio.max():.3f}",
+        )
+        claims.check(
+            "the last 100 steps hover at the edge (median within 15 % of 1)",
+            abs(np.median(late) - 1) <= 0.15,
+            f"median {np.median(late):.3f}, range {late.min():.3f}–{late.max():.3f}",
+        )
     else:
         late = window(h, "ratio", args.steps // 2 + 1)
         med, (p10, p90) = float(np.median(late)), np.percentile(late, [10, 90])
         claims.check("second half: median ratio within 10 % of 1", abs(med - 1) <= 0.10, f"median {med:.3f}")
-        claims.check("second half: 80 % of measurements (10th–90th percentile) within 15 % of 1",
-                     0.85 <= p10 and p90 <= 1.15, f"{p10:.3f}–{p90:.3f} (range {late.min():.3f}–{late.max():.3f})")
+        claims.check(
+            "second half: 80 % of measurements (10th–90th percentile) within 15 % of 1",
+            0.85 <= p10 and p90 <= 1.15,
+            f"{p10:.3f}–{p90:.3f} (range {late.min():.3f}–{late.max():.3f})",
+        )
     return claims.exit(started)
 
 

@@ -28,8 +28,11 @@ import stableopt
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Run with torchrun --nproc_per_node N, or plainly (spawns --nproc CPU processes).")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run with torchrun --nproc_per_node N, or plainly (spawns --nproc CPU processes).",
+    )
     parser.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
     parser.add_argument("--every", type=int, default=50, help="measure every N steps (default 50)")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
@@ -37,7 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="60 steps, measure every 20 (a smoke test)")
     parser.add_argument("--nproc", type=int, default=2, help="processes to spawn without torchrun (default 2)")
     parser.add_argument("--backend", default=None, help="gloo or nccl (default: nccl on GPUs, else gloo)")
-    parser.add_argument("--out", type=Path, default=Path("out"), help="folder for rank 0's history ddp.safetensors (default ./out)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("out"), help="folder for rank 0's history ddp.safetensors (default ./out)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.every = 60, 20
@@ -87,7 +92,9 @@ def train(args: argparse.Namespace) -> None:
         print(f"stableopt + DDP: {world} ranks × {x.shape[0]} samples, backend {dist.get_backend()}")
         print(f"{'step':>6} {'loss':>9} {'λ_max(P⁻¹H)':>12} {'threshold':>10} {'ratio':>7} {'λ_max(H)':>9}")
         h = opt.history
-        for s, loss, pre, thr, ratio, raw in zip(h["step"], h["loss"], h["preconditioned"], h["threshold"], h["ratio"], h["raw"]):
+        for s, loss, pre, thr, ratio, raw in zip(
+            h["step"], h["loss"], h["preconditioned"], h["threshold"], h["ratio"], h["raw"]
+        ):
             print(f"{s:6d} {loss:9.5f} {pre:12.2f} {thr:10.1f} {ratio:7.3f} {raw:9.4f}")
         print(f"histories identical on all {world} ranks: {same}")
         args.out.mkdir(parents=True, exist_ok=True)

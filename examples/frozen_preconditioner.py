@@ -44,9 +44,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from _common import Claims, console, describe, parse, parser, problem, pyplot, save_figure, save_history, table, train
 
 import stableopt
-from _common import Claims, console, describe, parse, parser, problem, pyplot, save_figure, save_history, table, train
 
 LR, BETA1 = 1e-3, 0.9
 
@@ -150,19 +150,41 @@ def main(argv=None) -> int:
     f_step, f_ratio, f_raw = f.column("step") + t0, f.column("ratio"), f.column("raw")
     a_same = a_raw[a_step >= f_step[0]]  # Adam over the frozen branch's measured steps
     f_late = f_ratio[f_step > (t0 + args.steps) // 2]
-    table(f"from the freeze (step {t0}) to step {args.steps}", ["", "Adam (adaptive P)", "Adam, P frozen"], [
-        ("threshold", f"{a.column('threshold')[-1]:,.0f}", f"{f.column('threshold')[-1]:,.0f}"),
-        ("ratio at the freeze", f"{a_ratio[np.argmin(abs(a_step - t0))]:.3f}", f"{f_ratio[0]:.3f} at step {int(f_step[0])}"),
-        ("median ratio, 2nd half of the branch", f"{np.median(a_ratio[a_step > (t0 + args.steps) // 2]):.3f}", f"{np.median(f_late):.3f}"),
-        (f"raw λ_max(H) from step {int(f_step[0])} → end", f"{a_same[0]:.2f} → {a_same[-1]:.2f}", f"{f_raw[0]:.2f} → {f_raw[-1]:.2f}"),
-        ("max raw λ_max(H)", f"{a_same.max():.2f}", f"{f_raw.max():.2f}"),
-        ("final loss", f"{a.column('loss')[-1]:.5f}", f"{f.column('loss')[-1]:.5f}"),
-    ])
+    table(
+        f"from the freeze (step {t0}) to step {args.steps}",
+        ["", "Adam (adaptive P)", "Adam, P frozen"],
+        [
+            ("threshold", f"{a.column('threshold')[-1]:,.0f}", f"{f.column('threshold')[-1]:,.0f}"),
+            (
+                "ratio at the freeze",
+                f"{a_ratio[np.argmin(abs(a_step - t0))]:.3f}",
+                f"{f_ratio[0]:.3f} at step {int(f_step[0])}",
+            ),
+            (
+                "median ratio, 2nd half of the branch",
+                f"{np.median(a_ratio[a_step > (t0 + args.steps) // 2]):.3f}",
+                f"{np.median(f_late):.3f}",
+            ),
+            (
+                f"raw λ_max(H) from step {int(f_step[0])} → end",
+                f"{a_same[0]:.2f} → {a_same[-1]:.2f}",
+                f"{f_raw[0]:.2f} → {f_raw[-1]:.2f}",
+            ),
+            ("max raw λ_max(H)", f"{a_same.max():.2f}", f"{f_raw.max():.2f}"),
+            ("final loss", f"{a.column('loss')[-1]:.5f}", f"{f.column('loss')[-1]:.5f}"),
+        ],
+    )
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.2))
-    for ax, (ya, yf, title) in zip(axes, [(a_ratio, f_ratio, "λ_max(P⁻¹H) / (38/η)"), (a_raw, f_raw, "raw sharpness λ_max(H)"),
-                                          (a.column("loss"), f.column("loss"), "training loss")]):
+    for ax, (ya, yf, title) in zip(
+        axes,
+        [
+            (a_ratio, f_ratio, "λ_max(P⁻¹H) / (38/η)"),
+            (a_raw, f_raw, "raw sharpness λ_max(H)"),
+            (a.column("loss"), f.column("loss"), "training loss"),
+        ],
+    ):
         ax.plot(a_step, ya, color="C3", label="Adam")
         ax.plot(f_step, yf, color="C0", label=f"P frozen at step {t0}")
         ax.axvline(t0, color="gray", lw=0.8, ls=":")
@@ -176,18 +198,35 @@ def main(argv=None) -> int:
     save_figure(fig, args.out / "frozen_preconditioner.png")
 
     claims = Claims()
-    claims.check("the frozen method is Adam's step with v̂ fixed", step_error < 1e-5, f"relative difference {step_error:.1e}")
-    claims.check("P frozen: never pushed above its threshold (max ratio ≤ 1.1)", f_ratio.max() <= 1.1, f"max {f_ratio.max():.3f}")
+    claims.check(
+        "the frozen method is Adam's step with v̂ fixed", step_error < 1e-5, f"relative difference {step_error:.1e}"
+    )
+    claims.check(
+        "P frozen: never pushed above its threshold (max ratio ≤ 1.1)", f_ratio.max() <= 1.1, f"max {f_ratio.max():.3f}"
+    )
     if args.quick:
-        claims.check("P frozen: ends less sharp than Adam", f_raw[-1] < a_raw[-1], f"raw λ_max(H) {f_raw[-1]:.2f} vs {a_raw[-1]:.2f}")
+        claims.check(
+            "P frozen: ends less sharp than Adam",
+            f_raw[-1] < a_raw[-1],
+            f"raw λ_max(H) {f_raw[-1]:.2f} vs {a_raw[-1]:.2f}",
+        )
     else:
         rise, a_rise = f_raw.max() / f_raw[0] - 1, a_same[-1] / a_same[0] - 1
-        claims.check("P frozen: held at the edge from below (median ratio in [0.85, 1.05])", 0.85 <= np.median(f_late) <= 1.05,
-                     f"median {np.median(f_late):.3f}, range {f_late.min():.3f}–{f_late.max():.3f}")
-        claims.check("P frozen: raw sharpness never > 10 % above its first value", rise < 0.10,
-                     f"{f_raw[0]:.2f} → max {f_raw.max():.2f} ({100 * rise:+.0f} %)")
-        claims.check("Adam: raw sharpness keeps rising over the same steps (> 10 %)", a_rise > 0.10,
-                     f"{a_same[0]:.2f} → {a_same[-1]:.2f} ({100 * a_rise:+.0f} %)")
+        claims.check(
+            "P frozen: held at the edge from below (median ratio in [0.85, 1.05])",
+            0.85 <= np.median(f_late) <= 1.05,
+            f"median {np.median(f_late):.3f}, range {f_late.min():.3f}–{f_late.max():.3f}",
+        )
+        claims.check(
+            "P frozen: raw sharpness never > 10 % above its first value",
+            rise < 0.10,
+            f"{f_raw[0]:.2f} → max {f_raw.max():.2f} ({100 * rise:+.0f} %)",
+        )
+        claims.check(
+            "Adam: raw sharpness keeps rising over the same steps (> 10 %)",
+            a_rise > 0.10,
+            f"{a_same[0]:.2f} → {a_same[-1]:.2f} ({100 * a_rise:+.0f} %)",
+        )
     return claims.exit(started)
 
 

@@ -27,9 +27,9 @@ import time
 
 import numpy as np
 import torch
+from _common import Claims, console, describe, parse, parser, problem, pyplot, save_figure, save_history, table, train
 
 import stableopt
-from _common import Claims, console, describe, parse, parser, problem, pyplot, save_figure, save_history, table, train
 
 GD_LR, ADAM_LR = 0.5, 1e-3
 
@@ -38,7 +38,9 @@ def run(make, args, steps, *, raw: bool):
     prob = problem(seed=args.seed)
     opt = make(prob.model.parameters())
     p_median: list[float] = []  # median coordinate of P at each measurement
-    opt.register_measurement_hook(lambda o, report: p_median.append(float(torch.cat([p.flatten() for p in o.preconditioner()]).median())))
+    opt.register_measurement_hook(
+        lambda o, report: p_median.append(float(torch.cat([p.flatten() for p in o.preconditioner()]).median()))
+    )
     opt.monitor(prob.loss_fn, every=args.every, raw=raw)
     t0 = time.perf_counter()
     train(opt, prob, steps)
@@ -57,7 +59,9 @@ def main(argv=None) -> int:
     args = parse(p, argv, every=10, quick_every=20)
     started = time.perf_counter()
 
-    prob, gd, _ = run(lambda ps: stableopt.SGD(ps, lr=GD_LR), args, args.steps, raw=False)  # P = I: raw = preconditioned
+    prob, gd, _ = run(
+        lambda ps: stableopt.SGD(ps, lr=GD_LR), args, args.steps, raw=False
+    )  # P = I: raw = preconditioned
     _, adam, p_median = run(lambda ps: stableopt.Adam(ps, lr=ADAM_LR), args, args.steps, raw=True)
     console.print(f"problem: {describe(prob)}")
     save_history(gd, args.out / "gd_vs_adam_gd.safetensors")
@@ -70,15 +74,27 @@ def main(argv=None) -> int:
     gi = int(np.searchsorted(gd_step, ad_step[ai]))
     gd_edge, ad_edge = gd_raw[gi:], ad_raw[ai:]
 
-    table(f"from step {int(ad_step[ai])} (Adam reaches its edge) to the end", ["", "GD η=0.5", "Adam η=1e-3"], [
-        ("first ratio ≥ 0.95 at step", int(gd_step[edge_index(gd_ratio)]), int(ad_step[ai])),
-        ("median ratio", f"{np.median(gd_ratio[gi:]):.3f}", f"{np.median(ad_ratio[ai:]):.3f}"),
-        ("raw λ_max(H), window start → end", f"{gd_edge[0]:.2f} → {gd_edge[-1]:.2f}", f"{ad_edge[0]:.2f} → {ad_edge[-1]:.2f}"),
-        ("raw λ_max(H) range", f"{gd_edge.min():.2f}–{gd_edge.max():.2f}", f"{ad_edge.min():.2f}–{ad_edge.max():.2f}"),
-        ("raw, first measurement", f"{gd_raw[0]:.2f}", f"{ad_raw[0]:.2f}"),
-        ("λ_max(H)/λ_max(P⁻¹H) at the edge → end", "1 (P = I)", f"{ad_eff[ai]:.2e} → {ad_eff[-1]:.2e}"),
-        ("median P at the edge → end", "1", f"{p_median[ai]:.2e} → {p_median[-1]:.2e}"),
-    ])
+    table(
+        f"from step {int(ad_step[ai])} (Adam reaches its edge) to the end",
+        ["", "GD η=0.5", "Adam η=1e-3"],
+        [
+            ("first ratio ≥ 0.95 at step", int(gd_step[edge_index(gd_ratio)]), int(ad_step[ai])),
+            ("median ratio", f"{np.median(gd_ratio[gi:]):.3f}", f"{np.median(ad_ratio[ai:]):.3f}"),
+            (
+                "raw λ_max(H), window start → end",
+                f"{gd_edge[0]:.2f} → {gd_edge[-1]:.2f}",
+                f"{ad_edge[0]:.2f} → {ad_edge[-1]:.2f}",
+            ),
+            (
+                "raw λ_max(H) range",
+                f"{gd_edge.min():.2f}–{gd_edge.max():.2f}",
+                f"{ad_edge.min():.2f}–{ad_edge.max():.2f}",
+            ),
+            ("raw, first measurement", f"{gd_raw[0]:.2f}", f"{ad_raw[0]:.2f}"),
+            ("λ_max(H)/λ_max(P⁻¹H) at the edge → end", "1 (P = I)", f"{ad_eff[ai]:.2e} → {ad_eff[-1]:.2e}"),
+            ("median P at the edge → end", "1", f"{p_median[ai]:.2e} → {p_median[-1]:.2e}"),
+        ],
+    )
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.2))
@@ -110,20 +126,38 @@ def main(argv=None) -> int:
     claims = Claims()
     thr = 2 / GD_LR
     growth = lambda v: np.mean(v[-5:]) / np.mean(v[:5]) - 1  # noqa: E731  (robust to one oscillation)
-    claims.check("GD's raw sharpness is pinned near 2/η", bool(np.all((gd_edge >= 0.9 * thr) & (gd_edge <= 1.25 * thr))),
-                 f"{gd_edge.min():.2f}–{gd_edge.max():.2f} vs 2/η = {thr:g}")
+    claims.check(
+        "GD's raw sharpness is pinned near 2/η",
+        bool(np.all((gd_edge >= 0.9 * thr) & (gd_edge <= 1.25 * thr))),
+        f"{gd_edge.min():.2f}–{gd_edge.max():.2f} vs 2/η = {thr:g}",
+    )
     if args.quick:
-        claims.check("Adam's raw sharpness still rises after its edge (> 3 %)", growth(ad_edge) > 0.03,
-                     f"{ad_edge[0]:.2f} → {ad_edge[-1]:.2f} ({100 * growth(ad_edge):+.0f} %)")
+        claims.check(
+            "Adam's raw sharpness still rises after its edge (> 3 %)",
+            growth(ad_edge) > 0.03,
+            f"{ad_edge[0]:.2f} → {ad_edge[-1]:.2f} ({100 * growth(ad_edge):+.0f} %)",
+        )
     else:
-        claims.check("GD's raw sharpness stops rising (< 10 %)", abs(growth(gd_edge)) < 0.10,
-                     f"{gd_edge[0]:.2f} → {gd_edge[-1]:.2f} ({100 * growth(gd_edge):+.0f} %)")
-        claims.check("Adam stays at its edge (median ratio within 10 % of 1)", abs(np.median(ad_ratio[ai:]) - 1) <= 0.10,
-                     f"{np.median(ad_ratio[ai:]):.3f}")
-        claims.check("Adam's raw sharpness keeps rising (> 10 %)", growth(ad_edge) > 0.10,
-                     f"{ad_edge[0]:.2f} → {ad_edge[-1]:.2f} ({100 * growth(ad_edge):+.0f} %)")
-        claims.check("Adam's effective preconditioner grows with it (> 10 %)", growth(ad_eff[ai:]) > 0.10,
-                     f"{100 * growth(ad_eff[ai:]):+.0f} %")
+        claims.check(
+            "GD's raw sharpness stops rising (< 10 %)",
+            abs(growth(gd_edge)) < 0.10,
+            f"{gd_edge[0]:.2f} → {gd_edge[-1]:.2f} ({100 * growth(gd_edge):+.0f} %)",
+        )
+        claims.check(
+            "Adam stays at its edge (median ratio within 10 % of 1)",
+            abs(np.median(ad_ratio[ai:]) - 1) <= 0.10,
+            f"{np.median(ad_ratio[ai:]):.3f}",
+        )
+        claims.check(
+            "Adam's raw sharpness keeps rising (> 10 %)",
+            growth(ad_edge) > 0.10,
+            f"{ad_edge[0]:.2f} → {ad_edge[-1]:.2f} ({100 * growth(ad_edge):+.0f} %)",
+        )
+        claims.check(
+            "Adam's effective preconditioner grows with it (> 10 %)",
+            growth(ad_eff[ai:]) > 0.10,
+            f"{100 * growth(ad_eff[ai:]):+.0f} %",
+        )
     return claims.exit(started)
 
 

@@ -95,7 +95,9 @@ def _spike(value: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="2 learning rates, 200 steps (a few seconds)")
     parser.add_argument("--steps", type=int, default=None, help="full-batch steps per run (default 600, quick 200)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="learning rates to sweep")
@@ -104,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the guarded runs' histories (.safetensors) here")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch.set_num_threads (default 1: the chaotic high-lr runs amplify the last-bit "
         "differences of multithreaded reductions, so one thread makes the table reproducible)",
     )
@@ -123,7 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         f"({stableopt.LRGuard(**guard_kwargs)!r})."
     )
     table = Table(show_edge=False)
-    for col in ("lr", "final loss¹\nplain", "final loss¹\nguard", "worst spike²\nplain", "worst spike²\nguard", "guard\nactions", "final\nfactor", "time\nguard/plain"):
+    for col in (
+        "lr",
+        "final loss¹\nplain",
+        "final loss¹\nguard",
+        "worst spike²\nplain",
+        "worst spike²\nguard",
+        "guard\nactions",
+        "final\nfactor",
+        "time\nguard/plain",
+    ):
         table.add_column(col, justify="right")
     results = []
     for lr in lrs:
@@ -134,8 +147,14 @@ def main(argv: list[str] | None = None) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             guarded.history.save(args.out / f"guard_lr{lr:g}.safetensors")
         table.add_row(
-            f"{lr:g}", _loss(plain.final_loss), _loss(guarded.final_loss), _spike(plain.spike), _spike(guarded.spike),
-            str(guarded.actions), f"{guarded.factor:.3f}", f"{guarded.seconds / plain.seconds:.2f}",
+            f"{lr:g}",
+            _loss(plain.final_loss),
+            _loss(guarded.final_loss),
+            _spike(plain.spike),
+            _spike(guarded.spike),
+            str(guarded.actions),
+            f"{guarded.factor:.3f}",
+            f"{guarded.seconds / plain.seconds:.2f}",
         )
         if not console.is_terminal:
             console.print(f"lr {lr:g} done")

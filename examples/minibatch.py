@@ -26,9 +26,23 @@ import time
 
 import numpy as np
 import torch
+from _common import (
+    Claims,
+    console,
+    describe,
+    parse,
+    parser,
+    positive_int,
+    problem,
+    pyplot,
+    save_figure,
+    save_history,
+    table,
+    train,
+    window,
+)
 
 import stableopt
-from _common import Claims, console, describe, parse, parser, positive_int, problem, pyplot, save_figure, save_history, table, train, window
 
 LR = 1e-3
 
@@ -36,8 +50,13 @@ LR = 1e-3
 def main(argv=None) -> int:
     p = parser(__doc__.split("\n\n")[0], steps=1500, quick_steps=400)
     p.epilog = __doc__.split("\n\n", 1)[1]
-    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None,
-                   help="batch sizes (default 25 100 250 1000; with --quick 25 1000); 1000 = full batch")
+    p.add_argument(
+        "--batch-sizes",
+        type=positive_int,
+        nargs="+",
+        default=None,
+        help="batch sizes (default 25 100 250 1000; with --quick 25 1000); 1000 = full batch",
+    )
     args = parse(p, argv, every=25, quick_every=25)
     sizes = sorted(args.batch_sizes or ([25, 1000] if args.quick else [25, 100, 250, 1000]))
     started = time.perf_counter()
@@ -60,10 +79,19 @@ def main(argv=None) -> int:
     rows = []
     for b, h in histories.items():
         late = window(h, "ratio", late_from)
-        rows.append((f"{b}" + (" (full)" if b == sizes[-1] and b >= 1000 else ""), f"{med[b]:.3f}",
-                     f"{np.percentile(late, 10):.3f}–{np.percentile(late, 90):.3f}", f"{h.column('loss')[-1]:.5f}"))
-    table(f"ratio λ_max(P⁻¹H)/(38/η) of the full-data Hessian, steps {late_from}–{args.steps}",
-          ["batch size", "median", "10–90 %", "final full-data loss"], rows)
+        rows.append(
+            (
+                f"{b}" + (" (full)" if b == sizes[-1] and b >= 1000 else ""),
+                f"{med[b]:.3f}",
+                f"{np.percentile(late, 10):.3f}–{np.percentile(late, 90):.3f}",
+                f"{h.column('loss')[-1]:.5f}",
+            )
+        )
+    table(
+        f"ratio λ_max(P⁻¹H)/(38/η) of the full-data Hessian, steps {late_from}–{args.steps}",
+        ["batch size", "median", "10–90 %", "final full-data loss"],
+        rows,
+    )
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4), gridspec_kw={"width_ratios": [2, 1]})
@@ -86,10 +114,15 @@ def main(argv=None) -> int:
     values = [med[b] for b in sizes]
     small, full = values[0], values[-1]
     if args.quick:
-        claims.check("the small batch equilibrates below the large one", small < full - 0.05, f"{small:.3f} < {full:.3f}")
+        claims.check(
+            "the small batch equilibrates below the large one", small < full - 0.05, f"{small:.3f} < {full:.3f}"
+        )
     else:
-        claims.check("the ratio grows with the batch size (within 0.05)", all(b >= a - 0.05 for a, b in zip(values, values[1:])),
-                     " → ".join(f"{v:.3f}" for v in values))
+        claims.check(
+            "the ratio grows with the batch size (within 0.05)",
+            all(b >= a - 0.05 for a, b in zip(values, values[1:])),
+            " → ".join(f"{v:.3f}" for v in values),
+        )
         claims.check(f"batch {sizes[-1]}: within 10 % of the edge", abs(full - 1) <= 0.10, f"{full:.3f}")
         claims.check(f"batch {sizes[0]}: clearly below (≥ 0.1 lower)", small <= full - 0.10, f"{small:.3f}")
     return claims.exit(started)

@@ -38,9 +38,9 @@ import time
 from typing import Any
 
 import numpy as np
+from _common import Claims, console, describe, parse, parser, problem, pyplot, save_figure, save_history, table, train
 
 import stableopt
-from _common import Claims, console, describe, parse, parser, problem, pyplot, save_figure, save_history, table, train
 
 #: a spike: the loss more than SPIKE_FACTOR × its minimum over the previous SPIKE_WINDOW steps
 SPIKE_FACTOR, SPIKE_WINDOW = 2.0, 20
@@ -75,7 +75,9 @@ def score(alarm_steps: list[int], onsets: list[int], n: int, window: int = LEAD_
     covered = np.zeros(n + window + 1, bool)
     for a in alarm_steps:
         covered[a + 1 : a + window + 1] = True
-    chance = float(covered[SPIKE_WINDOW + 1 : n + 1].mean()) * len(onsets) if n > SPIKE_WINDOW else 0.0  # onsets can be steps 21 … n
+    chance = (
+        float(covered[SPIKE_WINDOW + 1 : n + 1].mean()) * len(onsets) if n > SPIKE_WINDOW else 0.0
+    )  # onsets can be steps 21 … n
     return {"alarms": len(alarm_steps), "preceded": len(leads), "leads": leads, "false": false, "chance": chance}
 
 
@@ -83,18 +85,30 @@ def main(argv=None) -> int:
     p = parser(__doc__.split("\n\n")[0], steps=1500, quick_steps=400)
     p.epilog = __doc__.split("\n\n", 1)[1]
     p.add_argument("--lr", type=float, default=2e-2, help="Adam's learning rate (default 2e-2)")
-    p.add_argument("--window", type=int, default=LEAD_WINDOW, help=f"W: steps before an onset an alarm may come (default {LEAD_WINDOW})")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=LEAD_WINDOW,
+        help=f"W: steps before an onset an alarm may come (default {LEAD_WINDOW})",
+    )
     args = parse(p, argv, every=10, quick_every=10)
     started = time.perf_counter()
 
     prob = problem(seed=args.seed)
     opt = stableopt.Adam(prob.model.parameters(), lr=args.lr)
-    console.print(f"[bold]Adam[/] (lr={args.lr:g}) on {describe(prob)}; {args.steps} full-batch steps; "
-                  f"directional ratios every step, λ_max every {args.every}")
+    console.print(
+        f"[bold]Adam[/] (lr={args.lr:g}) on {describe(prob)}; {args.steps} full-batch steps; "
+        f"directional ratios every step, λ_max every {args.every}"
+    )
     opt.monitor(prob.loss_fn, every=args.every, tol=LAMBDA_TOL, directional="update")
     # the gradient direction, measured by hand after each step (.grad still holds the step's gradient)
     grad_reports = []
-    train(opt, prob, args.steps, on_step=lambda t, _: grad_reports.append(opt.directional_sharpness(prob.loss_fn, "gradient")))
+    train(
+        opt,
+        prob,
+        args.steps,
+        on_step=lambda t, _: grad_reports.append(opt.directional_sharpness(prob.loss_fn, "gradient")),
+    )
     opt.report()
 
     h = opt.history
@@ -104,7 +118,11 @@ def main(argv=None) -> int:
     loss = np.array([r.loss for r in grad_reports])  # L_t at θ_t for the steps t in ``steps``
     onsets = [int(steps[i]) for i in spike_onsets(loss)]
     signals = {
-        "update direction (1 HVP/step)": (upd["directional_step"], upd["directional_ratio"], upd["directional_hvps"].sum()),
+        "update direction (1 HVP/step)": (
+            upd["directional_step"],
+            upd["directional_ratio"],
+            upd["directional_hvps"].sum(),
+        ),
         "gradient direction (1 HVP/step)": (steps, grad["directional_ratio"], grad["directional_hvps"].sum()),
         f"λ_max ratio every {args.every} steps": (h.column("step"), h.column("ratio"), h.column("hvps").sum()),
     }
@@ -113,16 +131,40 @@ def main(argv=None) -> int:
     def lead_text(leads: list[int]) -> str:
         return f"{int(np.median(leads))} ({min(leads)}–{max(leads)})" if leads else "—"
 
-    console.print(f"{len(onsets)} spikes (L_t > {SPIKE_FACTOR:g}× its minimum over the previous {SPIKE_WINDOW} steps), "
-                  f"onsets at steps {onsets[:12]}{' …' if len(onsets) > 12 else ''}")
-    table(f"alarms = upward crossings of ratio 1; preceded = an alarm within W = {args.window} steps before the onset",
-          ["signal", "alarms", "spikes preceded", "chance", "lead, steps: median (range)", "false alarms", "HVPs"],
-          [(name, sc["alarms"], f"{sc['preceded']}/{len(onsets)}", f"{sc['chance']:.1f}", lead_text(sc["leads"]), sc["false"], int(signals[name][2]))
-           for name, sc in scores.items()])
-    table("sensitivity to W: spikes preceded (chance) / false alarms, lead median (range)", ["signal", *(f"W = {w}" for w in (5, 10, 20))],
-          [(name, *(f"{(sc := score(alarms(s, r), onsets, args.steps, w))['preceded']} ({sc['chance']:.1f}) / {sc['false']}, {lead_text(sc['leads'])}"
-                    for w in (5, 10, 20)))
-           for name, (s, r, _) in signals.items()])
+    console.print(
+        f"{len(onsets)} spikes (L_t > {SPIKE_FACTOR:g}× its minimum over the previous {SPIKE_WINDOW} steps), "
+        f"onsets at steps {onsets[:12]}{' …' if len(onsets) > 12 else ''}"
+    )
+    table(
+        f"alarms = upward crossings of ratio 1; preceded = an alarm within W = {args.window} steps before the onset",
+        ["signal", "alarms", "spikes preceded", "chance", "lead, steps: median (range)", "false alarms", "HVPs"],
+        [
+            (
+                name,
+                sc["alarms"],
+                f"{sc['preceded']}/{len(onsets)}",
+                f"{sc['chance']:.1f}",
+                lead_text(sc["leads"]),
+                sc["false"],
+                int(signals[name][2]),
+            )
+            for name, sc in scores.items()
+        ],
+    )
+    table(
+        "sensitivity to W: spikes preceded (chance) / false alarms, lead median (range)",
+        ["signal", *(f"W = {w}" for w in (5, 10, 20))],
+        [
+            (
+                name,
+                *(
+                    f"{(sc := score(alarms(s, r), onsets, args.steps, w))['preceded']} ({sc['chance']:.1f}) / {sc['false']}, {lead_text(sc['leads'])}"
+                    for w in (5, 10, 20)
+                ),
+            )
+            for name, (s, r, _) in signals.items()
+        ],
+    )
 
     plt = pyplot()
     fig, axes = plt.subplots(3, 1, figsize=(9, 7.5), sharex=False)
@@ -163,15 +205,27 @@ def main(argv=None) -> int:
     claims.check(f"the run has loss spikes (≥ {need})", len(onsets) >= need, f"{len(onsets)} spikes")
     lam = dict(zip(h.column("step").tolist(), h.column("ratio").tolist()))
     for kind, cols in (("update", upd), ("gradient", grad)):
-        excess = [r / lam[s] for s, r in zip(cols["directional_step"].tolist(), cols["directional_ratio"].tolist()) if s in lam]
-        claims.check(f"the {kind}-direction ratio is a lower bound of the λ_max ratio (≤ 1 + 2·tol of it)",
-                     bool(excess) and max(excess) <= 1 + 2 * LAMBDA_TOL, f"largest directional/λ_max {max(excess):.4f} over {len(excess)} steps")
+        excess = [
+            r / lam[s]
+            for s, r in zip(cols["directional_step"].tolist(), cols["directional_ratio"].tolist())
+            if s in lam
+        ]
+        claims.check(
+            f"the {kind}-direction ratio is a lower bound of the λ_max ratio (≤ 1 + 2·tol of it)",
+            bool(excess) and max(excess) <= 1 + 2 * LAMBDA_TOL,
+            f"largest directional/λ_max {max(excess):.4f} over {len(excess)} steps",
+        )
     g, u = scores["gradient direction (1 HVP/step)"], scores["update direction (1 HVP/step)"]
-    claims.check("gradient-direction alarms precede at least half of the spikes and ≥ 3× chance",
-                 g["preceded"] >= 0.5 * len(onsets) and g["preceded"] >= 3 * g["chance"],
-                 f"{g['preceded']}/{len(onsets)} (chance {g['chance']:.1f}), lead {lead_text(g['leads'])}")
-    claims.check("the update direction precedes fewer spikes than the gradient direction", u["preceded"] < g["preceded"],
-                 f"{u['preceded']} vs {g['preceded']}")
+    claims.check(
+        "gradient-direction alarms precede at least half of the spikes and ≥ 3× chance",
+        g["preceded"] >= 0.5 * len(onsets) and g["preceded"] >= 3 * g["chance"],
+        f"{g['preceded']}/{len(onsets)} (chance {g['chance']:.1f}), lead {lead_text(g['leads'])}",
+    )
+    claims.check(
+        "the update direction precedes fewer spikes than the gradient direction",
+        u["preceded"] < g["preceded"],
+        f"{u['preceded']} vs {g['preceded']}",
+    )
     return claims.exit(started)
 
 

@@ -23,13 +23,26 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
+from _common import (
+    Claims,
+    console,
+    describe,
+    parse,
+    parser,
+    problem,
+    pyplot,
+    save_figure,
+    save_history,
+    table,
+    train,
+    window,
+)
 
 import stableopt
-from _common import Claims, console, describe, parse, parser, problem, pyplot, save_figure, save_history, table, train, window
 
 
 @dataclass(frozen=True)
@@ -46,7 +59,13 @@ RULES = [
     Rule("adam_b0.9", "Adam β1=0.9, η=1e-3", "38/η", lambda p: stableopt.Adam(p, lr=1e-3, betas=(0.9, 0.999)), True),
     # β2 = 0.99: with torch's 0.999, v̂ (and so P) can only shrink by √0.999 per step once the loss
     # is nearly zero, and the ratio crawls up at that rate (0.72 at step 1500 with η = 1e-2).
-    Rule("adam_b0.99", "Adam β1=0.99, β2=0.99, η=1e-2", "398/η", lambda p: stableopt.Adam(p, lr=1e-2, betas=(0.99, 0.99)), False),
+    Rule(
+        "adam_b0.99",
+        "Adam β1=0.99, β2=0.99, η=1e-2",
+        "398/η",
+        lambda p: stableopt.Adam(p, lr=1e-2, betas=(0.99, 0.99)),
+        False,
+    ),
     Rule("heavy_ball", "SGD heavy ball μ=0.9, η=0.2", "3.8/η", lambda p: stableopt.SGD(p, lr=0.2, momentum=0.9), False),
 ]
 
@@ -66,8 +85,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         train(opt, prob, args.steps)
         histories[rule.name] = opt.history
-        console.print(f"{rule.label}: {args.steps} steps in {time.perf_counter() - t0:.1f} s, "
-                      f"final ratio {opt.history.column('ratio')[-1]:.3f}")
+        console.print(
+            f"{rule.label}: {args.steps} steps in {time.perf_counter() - t0:.1f} s, "
+            f"final ratio {opt.history.column('ratio')[-1]:.3f}"
+        )
         save_history(opt.history, args.out / f"thresholds_{rule.name}.safetensors")
     console.print(f"problem: {describe(prob)}")
 
@@ -77,16 +98,33 @@ def main(argv=None) -> int:
         h = histories[rule.name]
         late = window(h, "ratio", late_from)
         thr = float(h.column("threshold")[-1])
-        rows.append((rule.label, rule.formula, f"{thr:,.1f}", f"{np.median(late) * thr:,.1f}",
-                     f"{np.median(late):.3f}", f"{late.min():.3f}–{late.max():.3f}"))
-    table(f"equilibrium (steps {late_from}–{args.steps})",
-          ["rule", "threshold", "value", "median λ_max(P⁻¹H)", "median ratio", "range"], rows)
+        rows.append(
+            (
+                rule.label,
+                rule.formula,
+                f"{thr:,.1f}",
+                f"{np.median(late) * thr:,.1f}",
+                f"{np.median(late):.3f}",
+                f"{late.min():.3f}–{late.max():.3f}",
+            )
+        )
+    table(
+        f"equilibrium (steps {late_from}–{args.steps})",
+        ["rule", "threshold", "value", "median λ_max(P⁻¹H)", "median ratio", "range"],
+        rows,
+    )
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for i, rule in enumerate(rules):
         h = histories[rule.name]
-        ax.plot(h.column("step"), h.column("ratio"), color=f"C{i}", lw=1.4, label=f"{rule.label}  (threshold {rule.formula})")
+        ax.plot(
+            h.column("step"),
+            h.column("ratio"),
+            color=f"C{i}",
+            lw=1.4,
+            label=f"{rule.label}  (threshold {rule.formula})",
+        )
     ax.axhline(1.0, color="black", ls="--", lw=1.0)
     ax.set_ylim(0, 1.5)
     ax.set_xlabel("step")
@@ -100,8 +138,11 @@ def main(argv=None) -> int:
         ratio = histories[rule.name].column("ratio")
         if args.quick:
             end = window(histories[rule.name], "ratio", args.steps - 100)
-            claims.check(f"{rule.label}: climbs to its edge", ratio[0] < 0.6 and 0.85 <= np.median(end) <= 1.2,
-                         f"{ratio[0]:.2f} → median {np.median(end):.3f} over the last 100 steps")
+            claims.check(
+                f"{rule.label}: climbs to its edge",
+                ratio[0] < 0.6 and 0.85 <= np.median(end) <= 1.2,
+                f"{ratio[0]:.2f} → median {np.median(end):.3f} over the last 100 steps",
+            )
         else:
             med = float(np.median(window(histories[rule.name], "ratio", late_from)))
             claims.check(f"{rule.label}: equilibrium at {rule.formula}", 0.9 <= med <= 1.15, f"median ratio {med:.3f}")

@@ -7,12 +7,12 @@ ratio to the stability threshold of the update rule (Cohen et al. 2022, arXiv:22
 
 from . import distributed, loggers, rules
 from .backends import BACKENDS, BackendChoice
-from .directional import DirectionalReport, directional_curvature, estimate_directional_sharpness
 from .blocks import BlockSharpness
 from .density import DensityReport
 from .density_plot import plot_density
-from .estimators import estimate_density, estimate_trace
+from .directional import DirectionalReport, directional_curvature, estimate_directional_sharpness
 from .eigen import LanczosResult, lanczos
+from .estimators import estimate_density, estimate_trace
 from .finite_difference import make_fd_hvp
 from .forward_ad import ForwardADError, make_forward_hvp
 from .guard import LRGuard
@@ -22,13 +22,11 @@ from .linear_operator import DenseOperator, LinearOperator
 from .monitor import Monitor
 from .operator import BlockOperator, CurvatureOperator, MeasuredGroup, Measurement, measure
 from .optimizers import SGD, Adam, AdamW, RMSprop, StabilityMixin
-from .rules import StabilityRule
-from .space import ParameterSpace
 from .plot import plot_history
 from .report import render_report
+from .rules import StabilityRule
 from .sharpness import SharpnessGroup, SharpnessReport, estimate_sharpness
-from .trace import TraceReport
-from .tracking import Tracker
+from .space import ParameterSpace
 from .thresholds import (
     adam_threshold,
     gd_threshold,
@@ -37,6 +35,8 @@ from .thresholds import (
     rmsprop_threshold,
     sgd_threshold,
 )
+from .trace import TraceReport
+from .tracking import Tracker
 
 __version__ = "0.1.0"
 

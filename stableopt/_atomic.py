@@ -25,7 +25,8 @@ import re
 import secrets
 import socket
 import stat
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 from ._text import literal
 

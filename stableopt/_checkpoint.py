@@ -20,7 +20,8 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -62,10 +63,17 @@ def _warm(value: Any) -> dict[str, torch.Tensor]:
         if not isinstance(key, str) or len(key) > 64:
             raise _bad(f"warm-start keys must be short strings, got {str(key)[:60]!r}")
         if (
-            not isinstance(vecs, torch.Tensor) or vecs.layout != torch.strided or vecs.device.type == "meta"
-            or not vecs.is_floating_point() or vecs.dim() != 2
+            not isinstance(vecs, torch.Tensor)
+            or vecs.layout != torch.strided
+            or vecs.device.type == "meta"
+            or not vecs.is_floating_point()
+            or vecs.dim() != 2
         ):
-            detail = f"{vecs.dtype}, {vecs.dim()}-D, {vecs.layout}, {vecs.device}" if isinstance(vecs, torch.Tensor) else type(vecs).__name__
+            detail = (
+                f"{vecs.dtype}, {vecs.dim()}-D, {vecs.layout}, {vecs.device}"
+                if isinstance(vecs, torch.Tensor)
+                else type(vecs).__name__
+            )
             raise _bad(f"warm-start vectors {key!r} must be a dense 2-D floating-point tensor with data, got {detail}")
         if not bool(torch.isfinite(vecs).all()):
             raise _bad(f"warm-start vectors {key!r} hold NaN or infinite values")
@@ -106,7 +114,9 @@ def _prepare(opt: Any, extra: Any) -> Callable[[], None]:
     for name, component in components.items():
         if name in saved:
             prepare = getattr(component, "prepare_load", None)
-            commits.append(prepare(saved[name]) if prepare else (lambda c=component, s=saved[name]: c.load_state_dict(s)))
+            commits.append(
+                prepare(saved[name]) if prepare else (lambda c=component, s=saved[name]: c.load_state_dict(s))
+            )
         elif hasattr(component, "reset"):  # a dict saved before the component existed
             commits.append(component.reset)
     if "guard" in saved and "guard" not in components:
@@ -178,15 +188,19 @@ def check_guard_state(state: Any) -> dict[str, Any]:
 
     if not isinstance(state, dict):
         raise bad(f"expected a dict, got {type(state).__name__}")
-    unknown = sorted(str(k) for k in state if k not in ("factors", "common", "measurements", "skipped", "below", "events"))
+    unknown = sorted(
+        str(k) for k in state if k not in ("factors", "common", "measurements", "skipped", "below", "events")
+    )
     if unknown:
         raise bad(f"unknown fields {unknown[:5]}")
     factors = state.get("factors", [])
     if not isinstance(factors, (list, tuple)):
         raise bad(f"factors must be a list, got {type(factors).__name__}")
-    checked = {
+    checked: dict[str, Any] = {
         "factors": [factor("a factor", f) for f in factors],
-        "measurements": count("measurements"), "skipped": count("skipped"), "below": count("below"),
+        "measurements": count("measurements"),
+        "skipped": count("skipped"),
+        "below": count("below"),
     }
     checked["common"] = factor("common", state["common"]) if "common" in state else min(checked["factors"], default=1.0)
     events = state.get("events", [])
@@ -203,16 +217,36 @@ def check_guard_state(state: Any) -> dict[str, Any]:
             raise bad(f"an event's ratio must be a finite number, got {ratio!r}")
         if not isinstance(why, str) or len(why) > MAX_REASON_CHARS:
             raise bad(f"an event's reason must be a string of at most {MAX_REASON_CHARS} characters")
-        checked["events"].append(GuardEvent(step, group, factor("an event's factor", old), factor("an event's factor", new), float(ratio), why))
+        checked["events"].append(
+            GuardEvent(
+                step, group, factor("an event's factor", old), factor("an event's factor", new), float(ratio), why
+            )
+        )
     return checked
 
 
 _SCHEDULE = {
-    "id": int, "every": int, "raw": bool, "k": int, "tol": float, "secant": bool, "live": bool, "hvp": str,
-    "directional": str, "directional_every": int, "budget": int,
+    "id": int,
+    "every": int,
+    "raw": bool,
+    "k": int,
+    "tol": float,
+    "secant": bool,
+    "live": bool,
+    "hvp": str,
+    "directional": str,
+    "directional_every": int,
+    "budget": int,
 }
 #: optional schedule fields and their values when a checkpoint predates them
-_SCHEDULE_DEFAULTS = {"secant": False, "live": False, "hvp": "auto", "directional": None, "directional_every": 1, "budget": None}
+_SCHEDULE_DEFAULTS = {
+    "secant": False,
+    "live": False,
+    "hvp": "auto",
+    "directional": None,
+    "directional_every": 1,
+    "budget": None,
+}
 
 
 def check_monitor_state(state: Any) -> tuple[list[dict[str, Any]], int]:
@@ -232,7 +266,9 @@ def check_monitor_state(state: Any) -> tuple[list[dict[str, Any]], int]:
     schedules = []
     for s in saved:
         if not isinstance(s, Mapping) or set(s) - set(_SCHEDULE) or not {"id", "every", "raw", "k", "tol"} <= set(s):
-            raise bad(f"a schedule must hold id, every, raw, k, tol (and secant, live, hvp), got {sorted(map(str, s)) if isinstance(s, Mapping) else type(s).__name__}")
+            raise bad(
+                f"a schedule must hold id, every, raw, k, tol (and secant, live, hvp), got {sorted(map(str, s)) if isinstance(s, Mapping) else type(s).__name__}"
+            )
         for key, value in s.items():
             kind = _SCHEDULE[key]
             if kind is str:
@@ -245,11 +281,21 @@ def check_monitor_state(state: Any) -> tuple[list[dict[str, Any]], int]:
                 continue
             if key == "budget" and value is None:  # a monitor that solves (no tracking)
                 continue
-            ok = isinstance(value, bool) if kind is bool else (
-                not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int))
+            ok = (
+                isinstance(value, bool)
+                if kind is bool
+                else (not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int))
+            )
             if not ok:
                 raise bad(f"schedule field {key} must be {kind.__name__}, got {value!r}")
-        if s["id"] < 0 or s["every"] < 1 or s["k"] < 1 or not 0.0 < s["tol"] < 1.0 or s.get("directional_every", 1) < 1 or (s.get("budget") is not None and s["budget"] < 1):
+        if (
+            s["id"] < 0
+            or s["every"] < 1
+            or s["k"] < 1
+            or not 0.0 < s["tol"] < 1.0
+            or s.get("directional_every", 1) < 1
+            or (s.get("budget") is not None and s["budget"] < 1)
+        ):
             raise bad(f"schedule out of range (id >= 0, every >= 1, k >= 1, 0 < tol < 1): {dict(s)}")
         # in the order Monitor.schedule() writes, so a loaded state dict gives itself back
         schedules.append({key: s[key] if key in s else _SCHEDULE_DEFAULTS[key] for key in _SCHEDULE})

@@ -14,17 +14,37 @@ from __future__ import annotations
 import math
 import re
 from array import array
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from ._text import quoted
 
 __all__ = [
-    "BLOCK_COLUMN", "DIRECTIONAL_COLUMNS", "DIRECTIONAL_KINDS", "DYNAMIC_PREFIXES", "EVENT_COLUMNS", "OPTIONAL_TABLES", "HVP_BACKEND_CODES", "MAX_REASON_CHARS", "MEASUREMENT_COLUMNS",
-    "OPTIONAL_COLUMNS", "SCHEMA_VERSION",
-    "SECANT_COLUMNS", "TABLES", "TRACK_COLUMNS", "Tables", "check_columns", "check_layout", "check_row", "column_type",
-    "dynamic_order", "table_of", "tables_from_state", "typed",
+    "BLOCK_COLUMN",
+    "DIRECTIONAL_COLUMNS",
+    "DIRECTIONAL_KINDS",
+    "DYNAMIC_PREFIXES",
+    "EVENT_COLUMNS",
+    "OPTIONAL_TABLES",
+    "HVP_BACKEND_CODES",
+    "MAX_REASON_CHARS",
+    "MEASUREMENT_COLUMNS",
+    "OPTIONAL_COLUMNS",
+    "SCHEMA_VERSION",
+    "SECANT_COLUMNS",
+    "TABLES",
+    "TRACK_COLUMNS",
+    "Tables",
+    "check_columns",
+    "check_layout",
+    "check_row",
+    "column_type",
+    "dynamic_order",
+    "table_of",
+    "tables_from_state",
+    "typed",
 ]
 
 #: Version of the column layout; files with a larger number are refused, not misread.
@@ -34,8 +54,18 @@ MAX_REASON_CHARS = 200
 
 #: the measurement columns every row has, in order, with their types (array typecodes)
 MEASUREMENT_COLUMNS: dict[str, str] = {
-    "step": "q", "loss": "d", "preconditioned": "d", "raw": "d", "threshold": "d", "ratio": "d",
-    "residual": "d", "hvps": "q", "seconds": "d", "converged": "b", "monitor": "q", "elapsed": "d",
+    "step": "q",
+    "loss": "d",
+    "preconditioned": "d",
+    "raw": "d",
+    "threshold": "d",
+    "ratio": "d",
+    "residual": "d",
+    "hvps": "q",
+    "seconds": "d",
+    "converged": "b",
+    "monitor": "q",
+    "elapsed": "d",
     "hvp_backend": "q",
 }
 #: codes of the ``hvp_backend`` column (the backend a measurement used; −1: not recorded, in a
@@ -47,23 +77,40 @@ OPTIONAL_COLUMNS: dict[str, float] = {"hvp_backend": -1}
 DYNAMIC_PREFIXES = ("lr_", "threshold_", "eig_")
 SECANT_COLUMNS: dict[str, str] = {"secant_step": "q", "secant": "d", "secant_ratio": "d"}
 DIRECTIONAL_COLUMNS: dict[str, str] = {
-    "directional_step": "q", "directional": "d", "directional_ratio": "d", "directional_hvps": "q", "directional_kind": "q",
+    "directional_step": "q",
+    "directional": "d",
+    "directional_ratio": "d",
+    "directional_hvps": "q",
+    "directional_kind": "q",
 }
 #: ``directional_kind`` i is the direction DIRECTIONAL_KINDS[i]
 DIRECTIONAL_KINDS = ("update", "gradient", "explicit")
 #: the tracking table (one row per step of a monitor with ``budget=``, :mod:`stableopt.tracking`)
-TRACK_COLUMNS: dict[str, str] = {"track_step": "q", "track": "d", "track_ratio": "d", "track_residual": "d", "track_hvps": "q"}
+TRACK_COLUMNS: dict[str, str] = {
+    "track_step": "q",
+    "track": "d",
+    "track_ratio": "d",
+    "track_residual": "d",
+    "track_hvps": "q",
+}
 #: the per-block measurement columns (float64; NaN in rows measured without that block)
 BLOCK_COLUMN = re.compile(r"block_[A-Za-z0-9_]{1,60}_(lmax|ratio)\Z")
 #: tables a file may lack altogether (written before they existed, or empty: left out so that a
 #: run without directional or tracking measurements writes what older versions read)
 OPTIONAL_TABLES = ("directional", "tracking")
 EVENT_COLUMNS: dict[str, str] = {
-    "event_step": "q", "event_group": "q", "event_old_factor": "d", "event_new_factor": "d", "event_ratio": "d",
+    "event_step": "q",
+    "event_group": "q",
+    "event_old_factor": "d",
+    "event_new_factor": "d",
+    "event_ratio": "d",
 }
 TABLES = {
-    "measurements": MEASUREMENT_COLUMNS, "secant": SECANT_COLUMNS, "events": EVENT_COLUMNS,
-    "directional": DIRECTIONAL_COLUMNS, "tracking": TRACK_COLUMNS,
+    "measurements": MEASUREMENT_COLUMNS,
+    "secant": SECANT_COLUMNS,
+    "events": EVENT_COLUMNS,
+    "directional": DIRECTIONAL_COLUMNS,
+    "tracking": TRACK_COLUMNS,
 }
 _FIXED = {**MEASUREMENT_COLUMNS, **SECANT_COLUMNS, **EVENT_COLUMNS, **DIRECTIONAL_COLUMNS, **TRACK_COLUMNS}
 _DYNAMIC = re.compile(r"(lr|threshold|eig)_(0|[1-9][0-9]{0,4})\Z")
@@ -264,7 +311,9 @@ def tables_from_state(state: Any, bad: Callable[[str], ValueError]) -> Tables:
     if isinstance(schema, bool) or not isinstance(schema, int):
         raise bad(f"schema must be an int, got {type(schema).__name__}")
     if schema > SCHEMA_VERSION:
-        raise bad(f"the checkpoint's history has schema {schema}, newer than this stableopt reads ({SCHEMA_VERSION}); upgrade stableopt")
+        raise bad(
+            f"the checkpoint's history has schema {schema}, newer than this stableopt reads ({SCHEMA_VERSION}); upgrade stableopt"
+        )
     if schema < 1:
         raise bad(f"invalid schema {schema}")
     columns = state.get("columns")
@@ -275,8 +324,10 @@ def tables_from_state(state: Any, bad: Callable[[str], ValueError]) -> Tables:
         if not isinstance(name, str):
             raise bad(f"column names must be strings, got {type(name).__name__}")
         if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.device.type == "meta":
-            raise bad(f"column {name[:60]!r} must be a dense tensor with data, got {type(value).__name__}"
-                      f"{'' if not isinstance(value, torch.Tensor) else f' ({value.layout}, {value.device})'}")
+            raise bad(
+                f"column {name[:60]!r} must be a dense tensor with data, got {type(value).__name__}"
+                f"{'' if not isinstance(value, torch.Tensor) else f' ({value.layout}, {value.device})'}"
+            )
         layout[name] = (_TORCH_DTYPES.get(str(value.dtype), str(value.dtype).replace("torch.", "")), tuple(value.shape))
     rows = check_layout(layout, bad)
     arrays = {name: t.detach().cpu().numpy() for name, t in columns.items()}

@@ -15,7 +15,8 @@ import math
 import os
 import re
 import stat
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,9 @@ def safe_name(name: str) -> str:
     return cleaned if re.fullmatch(_NAME, cleaned) else ("_" + cleaned)[:100]
 
 
-def check_metadata(metadata: dict[str, str], bad: Callable[[str], Exception], *, events: int | None = None) -> list[str]:
+def check_metadata(
+    metadata: dict[str, str], bad: Callable[[str], Exception], *, events: int | None = None
+) -> list[str]:
     """Check every metadata field; returns the event reasons it holds.
 
     The ``format`` and ``schema`` fields are checked by :func:`read` before this runs.
@@ -68,7 +71,9 @@ def check_metadata(metadata: dict[str, str], bad: Callable[[str], Exception], *,
         if pattern is not None and not re.fullmatch(pattern, value):
             raise bad(f"metadata field {key!r} is not a valid {key.replace('_', ' ')}: {quoted(value, 60)}")
     try:
-        groups = loads_json(metadata.get("hyperparameters", "[]"), max_depth=32, what="metadata field 'hyperparameters'")
+        groups = loads_json(
+            metadata.get("hyperparameters", "[]"), max_depth=32, what="metadata field 'hyperparameters'"
+        )
         reasons = loads_json(metadata.get("event_reasons", "[]"), max_depth=1, what="metadata field 'event_reasons'")
     except ValueError as exc:
         raise bad(str(exc)) from None
@@ -100,7 +105,13 @@ def _open_regular(name: str, bad: Callable[[str], Exception]) -> tuple[int, int]
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or socket"
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(st.st_mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a device or socket"
+        )
         raise bad(f"is {kind}, not a stableopt history file")
     if hasattr(os, "set_blocking"):
         os.set_blocking(fd, True)
@@ -124,7 +135,8 @@ def read(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str,
         if meta.get("format") != FORMAT:
             raise bad(
                 f"a safetensors file but not a stableopt history (its metadata has no 'format: {FORMAT}')"
-                if header.entries or meta else "a safetensors file with nothing in it, not a stableopt history"
+                if header.entries or meta
+                else "a safetensors file with nothing in it, not a stableopt history"
             )
         schema = meta.get("schema", "")
         if not re.fullmatch(r"[0-9]{1,6}", schema):

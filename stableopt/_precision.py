@@ -24,15 +24,16 @@ instead of measuring in half precision silently.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence, TypeVar
-
-T = TypeVar("T")
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ._state import RestoringContext, remove_global_hook, run_all
+
+T = TypeVar("T")
 
 __all__ = ["LOW_PRECISION", "explained", "float32_measurement", "upcast_note"]
 
@@ -118,19 +119,25 @@ class _Upcast:
             for module, name, buf in reversed(self.buffers):
                 module._buffers[name] = buf
 
-        run_all([
-            lambda: remove_global_hook(self.pre_hook, self.handles[0] if self.handles else None, "_global_forward_pre_hooks"),
-            lambda: remove_global_hook(self.post_hook, self.handles[1] if len(self.handles) > 1 else None, "_global_forward_hooks"),
-            params,
-            buffers,
-            lambda: _set_autocast(self.autocast0) if self.autocast0 is not None else None,
-            self.finish,  # last: interrupted before here, it all runs again
-        ])
+        run_all(
+            [
+                lambda: remove_global_hook(
+                    self.pre_hook, self.handles[0] if self.handles else None, "_global_forward_pre_hooks"
+                ),
+                lambda: remove_global_hook(
+                    self.post_hook, self.handles[1] if len(self.handles) > 1 else None, "_global_forward_hooks"
+                ),
+                params,
+                buffers,
+                lambda: _set_autocast(self.autocast0) if self.autocast0 is not None else None,
+                self.finish,  # last: interrupted before here, it all runs again
+            ]
+        )
 
     def finish(self) -> None:
         """Done: drop the references that make a cycle, so that the float32 copies are freed now."""
         self.done = True
-        self.pre_hook = self.post_hook = self.watch = None
+        self.pre_hook = self.post_hook = self.watch = None  # type: ignore[assignment]
 
 
 class float32_measurement(RestoringContext):  # noqa: N801 - used like a function

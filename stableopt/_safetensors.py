@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import IO, Callable, Mapping
+from typing import IO
 
 import numpy as np
 
@@ -28,10 +29,21 @@ __all__ = ["Header", "read_array", "read_header", "write"]
 MAX_HEADER_BYTES = 100 * 2**20
 # safetensors dtype -> (numpy dtype name, bytes per element)
 _DTYPES = {
-    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "I16": ("int16", 2),
-    "U16": ("uint16", 2), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "I32": ("int32", 4),
-    "U32": ("uint32", 4), "F32": ("float32", 4), "I64": ("int64", 8), "U64": ("uint64", 8),
-    "F64": ("float64", 8), "F8_E4M3": ("float8_e4m3", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "I16": ("int16", 2),
+    "U16": ("uint16", 2),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I32": ("int32", 4),
+    "U32": ("uint32", 4),
+    "F32": ("float32", 4),
+    "I64": ("int64", 8),
+    "U64": ("uint64", 8),
+    "F64": ("float64", 8),
+    "F8_E4M3": ("float8_e4m3", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
 _CODES = {"int64": "I64", "float64": "F64", "bool": "BOOL"}
 
@@ -81,7 +93,9 @@ def read_header(f: IO[bytes], size: int, bad: Callable[[str], Exception]) -> Hea
     if not isinstance(header, dict):
         raise corrupt("the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise corrupt("__metadata__ is not a map of strings to strings")
     data = size - 8 - n
     entries: dict[str, Entry] = {}
@@ -139,7 +153,11 @@ def write(f: IO[bytes], arrays: Mapping[str, np.ndarray], metadata: Mapping[str,
     offset = 0
     for name, values in arrays.items():
         nbytes = values.size * values.dtype.itemsize
-        header[name] = {"dtype": _CODES[values.dtype.name], "shape": list(values.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _CODES[values.dtype.name],
+            "shape": list(values.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     encoded = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors does
@@ -147,4 +165,4 @@ def write(f: IO[bytes], arrays: Mapping[str, np.ndarray], metadata: Mapping[str,
     f.write(encoded)
     for values in arrays.values():
         little = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
-        f.write(memoryview(little.view(np.uint8) if little.dtype.kind == "b" else little).cast("B"))
+        f.write(memoryview(little.view(np.uint8) if little.dtype.kind == "b" else little).cast("B"))  # type: ignore[arg-type]

@@ -28,7 +28,8 @@ from __future__ import annotations
 import random
 import threading
 import weakref
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.optim.optimizer as _optimizer_module
@@ -37,9 +38,16 @@ from torch import nn
 try:  # NumPy is a core dependency, but keep the guard usable without it.
     import numpy as _np
 except ImportError:  # pragma: no cover
-    _np = None
+    _np = None  # type: ignore[assignment]
 
-__all__ = ["RNGSnapshot", "RestoringContext", "grad_disabled", "preserved_training_state", "remove_global_hook", "run_all"]
+__all__ = [
+    "RNGSnapshot",
+    "RestoringContext",
+    "grad_disabled",
+    "preserved_training_state",
+    "remove_global_hook",
+    "run_all",
+]
 
 #: attempts per cleanup step before :func:`run_all` gives up on it and moves on
 _ATTEMPTS = 3
@@ -48,7 +56,7 @@ _ATTEMPTS = 3
 _ACTIVE: dict[str, Any] = {}
 
 
-def run_all(steps: Sequence[Callable[[], None]]) -> None:
+def run_all(steps: Sequence[Callable[[], object]]) -> None:
     """Run every step even if exceptions arrive meanwhile; then re-raise the first one.
 
     A step that raised (or was interrupted) runs again, up to three times, so steps must be
@@ -85,9 +93,7 @@ class RNGSnapshot:
     def __init__(self) -> None:
         self.torch_cpu = torch.get_rng_state()
         self.cuda = (
-            torch.cuda.get_rng_state_all()
-            if torch.cuda.is_available() and torch.cuda.is_initialized()
-            else None
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         )
         self.python = random.getstate()
         self.numpy = _np.random.get_state() if _np is not None else None
@@ -120,7 +126,9 @@ class _BufferRecorder:
             return
         if id(module) in self.seen:
             return
-        saved = [(module, name, buf, None if buf is None else buf.detach().clone()) for name, buf in module._buffers.items()]
+        saved = [
+            (module, name, buf, None if buf is None else buf.detach().clone()) for name, buf in module._buffers.items()
+        ]
         self.saved.extend(saved)  # one call: all of the module's buffers or none
         self.seen.add(id(module))
 
@@ -162,7 +170,7 @@ class _Measurement:
         self.recorder: _BufferRecorder | None = None
         self.handle: Any = None
         self.step_handle: Any = None
-        self.step_hook = self.refuse_step  # one object, for removal by identity
+        self.step_hook: Any = self.refuse_step  # one object, for removal by identity
         self.watch: Any = None  # set by RestoringContext.__exit__'s lookup
         self.done = False
 
@@ -188,7 +196,9 @@ class _Measurement:
     def refuse_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if threading.get_ident() != self.thread:
             if self.recorder is not None:
-                self.recorder.foreign.setdefault(id(optimizer), f"{threading.current_thread().name!r} stepped {type(optimizer).__name__}")
+                self.recorder.foreign.setdefault(
+                    id(optimizer), f"{threading.current_thread().name!r} stepped {type(optimizer).__name__}"
+                )
             return
         raise RuntimeError(
             f"{type(optimizer).__name__}.step() was called inside a stableopt measurement (from loss_fn, "
@@ -218,15 +228,17 @@ class _Measurement:
             if self.rng is not None and not (recorder is not None and recorder.foreign):
                 self.rng.restore()
 
-        run_all([
-            lambda: remove_global_hook(recorder, self.handle) if recorder is not None else None,
-            lambda: _remove_step_hook(self.step_hook, self.step_handle),
-            lambda: recorder.restore() if recorder is not None else None,
-            rng,
-            lambda: torch.set_grad_enabled(self.grad) if self.grad is not None else None,
-            lambda: _ACTIVE.pop("measurement", None) if _ACTIVE.get("measurement") is self else None,
-            self.finish,  # last: interrupted before here, it all runs again
-        ])
+        run_all(
+            [
+                lambda: remove_global_hook(recorder, self.handle) if recorder is not None else None,
+                lambda: _remove_step_hook(self.step_hook, self.step_handle),
+                lambda: recorder.restore() if recorder is not None else None,
+                rng,
+                lambda: torch.set_grad_enabled(self.grad) if self.grad is not None else None,
+                lambda: _ACTIVE.pop("measurement", None) if _ACTIVE.get("measurement") is self else None,
+                self.finish,  # last: interrupted before here, it all runs again
+            ]
+        )
 
     def finish(self) -> None:
         """Done: drop the references that make a cycle (hook and watch), so that what the
@@ -302,10 +314,12 @@ class _GradOff:
 
     def restore(self) -> None:
         if not self.done:
-            run_all([
-                lambda: torch.set_grad_enabled(self.previous) if self.previous is not None else None,
-                self.finish,
-            ])
+            run_all(
+                [
+                    lambda: torch.set_grad_enabled(self.previous) if self.previous is not None else None,
+                    self.finish,
+                ]
+            )
 
     def finish(self) -> None:
         self.done = True

@@ -21,8 +21,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -87,7 +88,14 @@ class _AutoHVP:
     all raise together instead of leaving the others in a collective).
     """
 
-    def __init__(self, primary: HVP, error: DoubleBackwardError | None, make_fd: Callable[[], HVP], choice: BackendChoice, agree: Agree) -> None:
+    def __init__(
+        self,
+        primary: HVP,
+        error: DoubleBackwardError | None,
+        make_fd: Callable[[], HVP],
+        choice: BackendChoice,
+        agree: Agree,
+    ) -> None:
         self._hvp = primary
         self._error = error  # building the autograd graph already failed here: primary is "fd"
         self._make_fd = make_fd
@@ -184,6 +192,8 @@ def build_product(
     if choice.backend == "fd":  # "auto", decided before
         return fd()
     try:
-        return _AutoHVP(make_hvp(loss_fn, params, batches=batches, before_forward=before_forward), None, fd, choice, agree)
+        return _AutoHVP(
+            make_hvp(loss_fn, params, batches=batches, before_forward=before_forward), None, fd, choice, agree
+        )
     except DoubleBackwardError as exc:  # the graph itself cannot be built: probe resolved at product 1
         return _AutoHVP(fd(), exc, fd, choice, agree)

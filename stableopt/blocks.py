@@ -26,8 +26,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -101,12 +102,18 @@ def check_blocks(blocks: Any) -> Any:
         return blocks
     if isinstance(blocks, str):
         if blocks not in ("module", "group"):
-            raise ValueError(f"blocks must be 'module', 'group', an nn.Module or a dict of parameter lists, got {blocks!r}")
+            raise ValueError(
+                f"blocks must be 'module', 'group', an nn.Module or a dict of parameter lists, got {blocks!r}"
+            )
         return blocks
     if not isinstance(blocks, Mapping):
-        raise TypeError(f"blocks must be 'module', 'group', an nn.Module or a dict[str, list[Parameter]], got {type(blocks).__name__}")
+        raise TypeError(
+            f"blocks must be 'module', 'group', an nn.Module or a dict[str, list[Parameter]], got {type(blocks).__name__}"
+        )
     if not blocks:
-        raise ValueError("blocks is an empty dict; give at least one block, e.g. {'head': list(model.head.parameters())}")
+        raise ValueError(
+            "blocks is an empty dict; give at least one block, e.g. {'head': list(model.head.parameters())}"
+        )
     out: dict[str, list[Tensor]] = {}
     for name, params in blocks.items():
         if not isinstance(name, str) or not name:
@@ -168,13 +175,20 @@ def _resolve(spec: Any, m: Measurement, watcher: ModuleWatcher | None) -> dict[s
         for name, block in spec.items():
             idx = [position[id(p)] for p in block if id(p) in position]
             if not idx:
-                raise ValueError(f"block {name!r} has no parameter that this measurement measures (frozen, or not in the optimizer?)")
+                raise ValueError(
+                    f"block {name!r} has no parameter that this measurement measures (frozen, or not in the optimizer?)"
+                )
             out[name] = list(dict.fromkeys(idx))
         return out
     modules = [spec] if isinstance(spec, nn.Module) else list(watcher.modules.values()) if watcher else []
-    out, owned = {}, set()
+    out = {}
+    owned: set[int] = set()
     for name, module in _named_owners(modules):
-        idx = [position[id(p)] for p in module._parameters.values() if p is not None and id(p) in position and id(p) not in owned]
+        idx = [
+            position[id(p)]
+            for p in module._parameters.values()
+            if p is not None and id(p) in position and id(p) not in owned
+        ]
         if idx:
             owned.update(id(params[i]) for i in idx)
             out[name] = idx
@@ -210,10 +224,15 @@ def measure_blocks(m: Measurement, spec: Any, watcher: ModuleWatcher | None, sol
         lam = float(results[0].eigenvalues[0]) if finite else math.nan
         ratio = (float(results[1].eigenvalues[0]) if len(results) > 1 else lam / tau) if finite else math.nan
         out[name] = BlockSharpness(
-            name=name, preconditioned=lam, threshold=tau, ratio=ratio,
-            size=sum(m.space.params[i].numel() for i in idx), hvps=m.products - before,
+            name=name,
+            preconditioned=lam,
+            threshold=tau,
+            ratio=ratio,
+            size=sum(m.space.params[i].numel() for i in idx),
+            hvps=m.products - before,
             residual=max(float(r.residuals.max()) for r in results) if finite else math.nan,
-            converged=finite and all(r.converged for r in results), column=stems[name],
+            converged=finite and all(r.converged for r in results),
+            column=stems[name],
         )
     return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from ._text import literal
 
@@ -41,8 +41,13 @@ def _demo(args: argparse.Namespace) -> int:
             r = row.report
             colour = "green" if r.ratio < 0.9 else ("yellow" if r.ratio <= 1.1 else "red")
             table.add_row(
-                str(row.step), f"{row.loss:.5f}", f"{r.preconditioned:,.0f}", f"{r.threshold:,.0f}",
-                f"[{colour}]{r.ratio:.3f}[/]", f"{r.raw:.2f}", str(r.hvps),
+                str(row.step),
+                f"{row.loss:.5f}",
+                f"{r.preconditioned:,.0f}",
+                f"{r.threshold:,.0f}",
+                f"[{colour}]{r.ratio:.3f}[/]",
+                f"{r.raw:.2f}",
+                str(r.hvps),
             )
             if not console.is_terminal:
                 console.print(
@@ -155,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     demo.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     demo.set_defaults(func=_demo)
-    report = sub.add_parser("report", help="print the report of a saved history (opt.history.save) and optionally plot it")
+    report = sub.add_parser(
+        "report", help="print the report of a saved history (opt.history.save) and optionally plot it"
+    )
     report.add_argument("file", metavar="FILE.safetensors", help="a history written by opt.history.save(path)")
     report.add_argument("--plot", metavar="OUT.png", help="write a Figure-1-style plot (needs matplotlib)")
     report.add_argument("--csv", metavar="OUT.csv", help="write the measurements as CSV")

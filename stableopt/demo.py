@@ -7,8 +7,8 @@ The docs/science.md setting: the first 1000 digits, standardised, one-hot target
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,9 @@ def digits_data(n: int = 1000, dtype: torch.dtype = torch.float32) -> tuple[Tens
     return x.to(dtype), y.to(dtype), f"scikit-learn digits (first {n})"
 
 
-def teacher_student_data(n: int = 1000, d: int = 64, classes: int = 10, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+def teacher_student_data(
+    n: int = 1000, d: int = 64, classes: int = 10, *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """Gaussian inputs labelled (one-hot) by a random tanh teacher network; seeded, no globals."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -48,7 +50,13 @@ def teacher_student_data(n: int = 1000, d: int = 64, classes: int = 10, *, seed:
     return x.to(dtype), torch.nn.functional.one_hot(labels, classes).to(dtype)
 
 
-def make_mlp(widths: tuple[int, ...] = (64, 128, 128, 10), *, activation: type[nn.Module] = nn.Tanh, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+def make_mlp(
+    widths: tuple[int, ...] = (64, 128, 128, 10),
+    *,
+    activation: type[nn.Module] = nn.Tanh,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Sequential:
     """A fully connected network with PyTorch's default initialisation drawn from ``seed``.
 
     Uses a private generator via ``torch.random.fork_rng``, so the global RNG is untouched.
@@ -75,7 +83,9 @@ class DemoRow:
     report: SharpnessReport
 
 
-def run_demo(steps: int = 1500, every: int = 100, *, lr: float = 1e-3, seed: int = 0, raw: bool = True, tol: float = 1e-3) -> Iterator[DemoRow]:
+def run_demo(
+    steps: int = 1500, every: int = 100, *, lr: float = 1e-3, seed: int = 0, raw: bool = True, tol: float = 1e-3
+) -> Iterator[DemoRow]:
     """Train full-batch and yield a :class:`DemoRow` every ``every`` steps."""
     x, y, _ = digits_data()
     model = make_mlp(seed=seed)

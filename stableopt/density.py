@@ -17,8 +17,9 @@ interlacing), and the extreme nodes converge to the extreme eigenvalues as m gro
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,9 @@ from .trace import MeasurementInfo, rademacher
 __all__ = ["DensityReport", "lanczos_quadrature"]
 
 
-def lanczos_quadrature(op: LinearOperator, probes: int, iters: int, generator: torch.Generator) -> tuple[list[list[float]], list[list[float]], bool]:
+def lanczos_quadrature(
+    op: LinearOperator, probes: int, iters: int, generator: torch.Generator
+) -> tuple[list[list[float]], list[list[float]], bool]:
     """(nodes, weights, finite): one Gauss quadrature per Rademacher probe, ``iters`` Lanczos
     steps each (fewer when the probe's Krylov space is exhausted first).
 

@@ -19,8 +19,14 @@ __all__ = ["plot_density"]
 
 
 def plot_density(
-    report: Any, path: str | os.PathLike[str], *, sigma: float | None = None, points: int = 600,
-    threshold: float | None = None, title: str | None = None, dpi: int = 150,
+    report: Any,
+    path: str | os.PathLike[str],
+    *,
+    sigma: float | None = None,
+    points: int = 600,
+    threshold: float | None = None,
+    title: str | None = None,
+    dpi: int = 150,
 ) -> Any:
     """Write the density of ``report`` to ``path`` (format from the suffix) and return the Figure.
 
@@ -58,6 +64,9 @@ def plot_density(
     ax.set_ylabel(f"density (σ = {sigma:.2g})")
     ax.grid(alpha=0.25)
     ax.spines[["top", "right"]].set_visible(False)
-    fig.suptitle(title or f"spectral density of {what} at step {report.step} ({report.probes} probes × {report.iters} steps)", fontsize=10)
+    fig.suptitle(
+        title or f"spectral density of {what} at step {report.step} ({report.probes} probes × {report.iters} steps)",
+        fontsize=10,
+    )
     fig.savefig(os.fspath(path))
     return fig

@@ -37,8 +37,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,7 +49,10 @@ from .operator import CurvatureOperator, MeasuredGroup, measure
 from .space import is_dtensor, local_tensor
 
 __all__ = [
-    "DIRECTIONS", "DirectionalReport", "UpdateTracker", "directional_curvature",
+    "DIRECTIONS",
+    "DirectionalReport",
+    "UpdateTracker",
+    "directional_curvature",
     "estimate_directional_sharpness",
 ]
 
@@ -89,7 +93,9 @@ class DirectionalReport:
         )
 
 
-def directional_curvature(op: CurvatureOperator, u: Tensor, precond: Tensor, thresholds: Tensor) -> tuple[float, float, float]:
+def directional_curvature(
+    op: CurvatureOperator, u: Tensor, precond: Tensor, thresholds: Tensor
+) -> tuple[float, float, float]:
     """(uᵀAu, uᵀPu, Σ τ·uᵀPu) for the operator ``op`` (A, normally ``"raw"``): one product.
 
     ``u``, ``precond`` (P) and ``thresholds`` (τ) are flat (local) vectors of ``op``'s space;
@@ -123,8 +129,15 @@ def _flat(space: Any, tensors: Sequence[Tensor | None]) -> Tensor:
 def _nan_report(step: int, label: str, m: Any, t0: float, why: str, hvps: int) -> DirectionalReport:
     warnings.warn(f"stableopt: directional sharpness at step {step} is NaN: {why}", RuntimeWarning, stacklevel=4)
     return DirectionalReport(
-        step=step, value=math.nan, threshold=math.nan, ratio=math.nan, direction=label, hvps=hvps,
-        seconds=m.agree_seconds(time.perf_counter() - t0), loss=m.loss, hvp_backend=m.backend,
+        step=step,
+        value=math.nan,
+        threshold=math.nan,
+        ratio=math.nan,
+        direction=label,
+        hvps=hvps,
+        seconds=m.agree_seconds(time.perf_counter() - t0),
+        loss=m.loss,
+        hvp_backend=m.backend,
     )
 
 
@@ -142,9 +155,13 @@ def _check_vectors(direction: Sequence[Any], params: Sequence[Tensor]) -> list[T
         if not isinstance(d, Tensor):
             raise TypeError(f"direction[{i}] must be a tensor (or None), got {type(d).__name__}")
         if tuple(d.shape) != tuple(p.shape):
-            raise ValueError(f"direction[{i}] has shape {tuple(d.shape)}, its parameter {tuple(p.shape)}; pass tensors shaped like the parameters")
+            raise ValueError(
+                f"direction[{i}] has shape {tuple(d.shape)}, its parameter {tuple(p.shape)}; pass tensors shaped like the parameters"
+            )
         if is_dtensor(p) != is_dtensor(d):
-            raise TypeError(f"direction[{i}]: its parameter is {'a' if is_dtensor(p) else 'not a'} DTensor, so must the direction be")
+            raise TypeError(
+                f"direction[{i}]: its parameter is {'a' if is_dtensor(p) else 'not a'} DTensor, so must the direction be"
+            )
         if d.is_complex() or not d.is_floating_point():
             raise TypeError(f"direction[{i}] must be a real floating-point tensor, got {d.dtype}")
         if not bool(torch.isfinite(local_tensor(d)).all()):
@@ -218,7 +235,9 @@ def estimate_directional_sharpness(
     """
     if isinstance(direction, str):
         if direction != "gradient":
-            raise ValueError(f"direction must be 'gradient' or a list of tensors here, got {direction!r} ('update' needs the optimizer: opt.directional_sharpness)")
+            raise ValueError(
+                f"direction must be 'gradient' or a list of tensors here, got {direction!r} ('update' needs the optimizer: opt.directional_sharpness)"
+            )
         return _estimate(loss_fn, groups, _gradients(groups), True, batches, hvp, choice, step, "gradient")
     if not isinstance(direction, (list, tuple)):
         raise TypeError(f"direction must be 'gradient' or a list of tensors, got {type(direction).__name__}")
@@ -227,13 +246,22 @@ def estimate_directional_sharpness(
 
 
 def _estimate(
-    loss_fn: Callable[..., Tensor], groups: Sequence[MeasuredGroup], vectors: Sequence[Tensor | None], preconditioned: bool,
-    batches: Iterable[Any] | None, hvp: str, choice: BackendChoice | None, step: int, label: str,
+    loss_fn: Callable[..., Tensor],
+    groups: Sequence[MeasuredGroup],
+    vectors: Sequence[Tensor | None],
+    preconditioned: bool,
+    batches: Iterable[Any] | None,
+    hvp: str,
+    choice: BackendChoice | None,
+    step: int,
+    label: str,
 ) -> DirectionalReport:
     """u from per-parameter (local) ``vectors`` (divided by P if ``preconditioned``), then one product."""
     t0 = time.perf_counter()
     check_backend(hvp)
-    with measure(loss_fn, groups, batches=batches, hvp=hvp, choice=choice, fingerprint={"directional": 1.0, "step": step}) as m:
+    with measure(
+        loss_fn, groups, batches=batches, hvp=hvp, choice=choice, fingerprint={"directional": 1.0, "step": step}
+    ) as m:
         P = m.preconditioner()
         u = _flat(m.space, vectors)
         if preconditioned:  # P⁻¹g; P = inf (frozen) gives 0
@@ -243,10 +271,14 @@ def _estimate(
         if not bool(torch.isfinite(u).all()):
             return _nan_report(step, label, m, t0, f"the {label} direction is not finite", m.products)
         if float(m.space.norm(torch.where(torch.isfinite(P), u, torch.zeros_like(u)))) == 0.0:
-            return _nan_report(step, label, m, t0, f"the {label} direction is zero on every coordinate the optimizer moves", m.products)
+            return _nan_report(
+                step, label, m, t0, f"the {label} direction is zero on every coordinate the optimizer moves", m.products
+            )
         curvature, metric, weighted = directional_curvature(m.operator("raw"), u, P, m.thresholds())
     if not (math.isfinite(curvature) and metric > 0 and math.isfinite(metric)):
-        return _nan_report(step, label, m, t0, "the Hessian-vector product or uᵀPu is not finite and positive", m.products)
+        return _nan_report(
+            step, label, m, t0, "the Hessian-vector product or uᵀPu is not finite and positive", m.products
+        )
     taus = {float(g.threshold) for g in groups if len(g.params)}
     return DirectionalReport(
         step=step,
@@ -348,18 +380,25 @@ def update_tracker(optimizer: Any) -> UpdateTracker:
     tracker = optimizer.__dict__.get("_stableopt_update_tracker")
     if tracker is None:
         tracker = optimizer.__dict__["_stableopt_update_tracker"] = UpdateTracker(optimizer)
-    return tracker  # type: ignore[no-any-return]
+    return tracker
 
 
 def optimizer_directional_sharpness(
-    optimizer: Any, loss_fn: Callable[..., Tensor], direction: Any, *, batches: Iterable[Any] | None, hvp: str,
+    optimizer: Any,
+    loss_fn: Callable[..., Tensor],
+    direction: Any,
+    *,
+    batches: Iterable[Any] | None,
+    hvp: str,
 ) -> DirectionalReport:
     """The body of ``opt.directional_sharpness`` (see there): resolve the direction, measure, publish."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     check_backend(hvp)
     if isinstance(direction, str) and direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS} or a list of tensors shaped like the parameters, got {direction!r}")
+        raise ValueError(
+            f"direction must be one of {DIRECTIONS} or a list of tensors shaped like the parameters, got {direction!r}"
+        )
     if not isinstance(direction, (str, list, tuple)):
         raise TypeError(f"direction must be one of {DIRECTIONS} or a list of tensors, got {type(direction).__name__}")
     groups = optimizer._sharpness_groups()

@@ -36,7 +36,8 @@ def add_directional_rows(grid: Any, history: Any) -> None:
         grid.add_row(
             f"along the {kind}",
             Text.assemble(
-                (_num(float(cols["directional"][-1])), "bold"), "  ratio ",
+                (_num(float(cols["directional"][-1])), "bold"),
+                "  ratio ",
                 (f"{ratio:.3f}" if math.isfinite(ratio) else "—", ZONE_STYLE[zone(ratio)]),
                 f"  (max {peak:.3f} over the last {len(recent)} measurements)",
                 ("\nuᵀHu/uᵀPu, one HVP each: a lower bound on λ_max(P⁻¹H); noisy with mini-batches", "dim"),
@@ -49,5 +50,11 @@ def plot_directional(history: Any, ax: Any) -> None:
     colors = {"update": "C1", "gradient": "C4", "explicit": "C5"}
     for kind, cols in _by_kind(history):
         ok = np.isfinite(cols["directional"])
-        ax.plot(cols["directional_step"][ok], cols["directional"][ok], color=colors[kind], alpha=0.5, lw=0.7,
-                label=f"along the {kind} (lower bound)")
+        ax.plot(
+            cols["directional_step"][ok],
+            cols["directional"][ok],
+            color=colors[kind],
+            alpha=0.5,
+            lw=0.7,
+            label=f"along the {kind} (lower bound)",
+        )

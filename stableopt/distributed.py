@@ -44,7 +44,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +78,11 @@ def configure(*, enabled: bool = True, process_group: Any = None, sharded_timeou
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     if sharded_timeout is not None:
-        if isinstance(sharded_timeout, bool) or not isinstance(sharded_timeout, (int, float)) or not sharded_timeout > 0:
+        if (
+            isinstance(sharded_timeout, bool)
+            or not isinstance(sharded_timeout, (int, float))
+            or not sharded_timeout > 0
+        ):
             raise ValueError(f"sharded_timeout must be a positive number of seconds, got {sharded_timeout!r}")
         _CONFIG["sharded_timeout"] = float(sharded_timeout)
     _CONFIG["enabled"] = enabled
@@ -204,9 +209,10 @@ class Reduction:
             with torch.no_grad():  # on the device, one transfer: DDP replicas are bitwise equal
                 values[-1] = torch.stack([p.detach().double().sum() for p in params]).sum()
         both = self._all_reduce(torch.cat([values, -values]), torch.distributed.ReduceOp.MAX)
-        hi, lo = both[: len(fields)], -both[len(fields):]
+        hi, lo = both[: len(fields)], -both[len(fields) :]
         bad = [
-            name for name, a, b in zip(fields, hi.tolist(), lo.tolist())
+            name
+            for name, a, b in zip(fields, hi.tolist(), lo.tolist())
             if not (a == b or (math.isnan(a) and math.isnan(b)))
         ]
         if bad:
@@ -237,7 +243,7 @@ class Reduction:
         fails anywhere, raise everywhere. Then fix this rank's weight and the global loss, and
         return the product wrapped so that every later product agrees on failure too."""
         error: BaseException | None = None
-        hvp = None
+        hvp: Any = None
         try:
             hvp = build()
         except BaseException as exc:  # noqa: BLE001 - re-raised below, on every rank
@@ -248,9 +254,15 @@ class Reduction:
         loss = float(hvp.loss) if hvp is not None else math.nan
         known = samples is not None
         stats = torch.tensor(
-            [float(error is not None), float(known), float(samples or 0),
-             float(samples or 0) * loss if known else 0.0, loss],
-            dtype=torch.float64, device=self.device,
+            [
+                float(error is not None),
+                float(known),
+                float(samples or 0),
+                float(samples or 0) * loss if known else 0.0,
+                loss,
+            ],
+            dtype=torch.float64,
+            device=self.device,
         )
         failed, n_known, total, weighted, plain = self._all_reduce(stats).tolist()
         if error is not None:
@@ -263,7 +275,7 @@ class Reduction:
             )
         if n_known == self.world_size and total > 0:
             self.samples = int(samples)  # type: ignore[arg-type]
-            self.weight = samples / total  # type: ignore[operator]
+            self.weight = samples / total
             hvp.loss = torch.tensor(weighted / total, dtype=torch.float64)
         else:
             self.weight = 1.0 / self.world_size
@@ -330,7 +342,7 @@ class _CollectiveHVP:
         out: list[Tensor] = []
         if red.sharded:  # FSDP's collectives inside the product already keep ranks in step
             try:
-                return self._hvp(vectors)  # type: ignore[no-any-return]
+                return self._hvp(vectors)
             except BaseException as exc:
                 raise red.sharded_failure(exc, "a Hessian-vector product") from exc
         try:
@@ -339,7 +351,9 @@ class _CollectiveHVP:
             error = exc
         like = vectors if error is not None else out
         flag = torch.tensor([float(error is not None)], dtype=like[0].dtype, device=like[0].device)
-        parts = [torch.zeros_like(v).reshape(-1) for v in vectors] if error is not None else [o.reshape(-1) for o in out]
+        parts = (
+            [torch.zeros_like(v).reshape(-1) for v in vectors] if error is not None else [o.reshape(-1) for o in out]
+        )
         buf = torch.cat([*parts, flag])
         buf[:-1].mul_(red.weight)
         red._all_reduce(buf)
@@ -369,14 +383,12 @@ def quiet_ddp() -> Iterator[None]:
     a backward that never comes) nor broadcast buffers (a collective per forward). The flags are
     restored on exit, so DDP's next training forward is exactly the one it would have been.
     """
-    saved: dict[int, tuple[nn.Module, bool, bool]] = {}
+    saved: dict[int, tuple[Any, bool, bool]] = {}
 
-    def hook(module: nn.Module, args: Any) -> None:
+    def hook(module: Any, args: Any) -> None:  # a DistributedDataParallel
         if id(module) in saved or not _is_ddp(module):
             return
-        saved[id(module)] = (
-            module, module.require_backward_grad_sync, module.require_forward_param_sync
-        )
+        saved[id(module)] = (module, module.require_backward_grad_sync, module.require_forward_param_sync)
         module.require_backward_grad_sync = False
         module.require_forward_param_sync = False
 

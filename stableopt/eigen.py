@@ -278,7 +278,9 @@ def lanczos(
             v0 = torch.randn(n, generator=generator, dtype=dtype).to(device or "cpu")
         else:
             if not isinstance(v0, Tensor) or v0.dim() != 1:
-                raise ValueError(f"v0 must be a 1-D tensor, got {type(v0).__name__} of shape {getattr(v0, 'shape', None)}")
+                raise ValueError(
+                    f"v0 must be a 1-D tensor, got {type(v0).__name__} of shape {getattr(v0, 'shape', None)}"
+                )
             if n is not None and n != v0.numel():
                 raise ValueError(f"n={n} does not match v0 of length {v0.numel()}")
             n = v0.numel()

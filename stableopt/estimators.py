@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,13 +44,25 @@ def _check_bool(name: str, value: Any) -> bool:
 
 
 def _not_finite(what: str, step: int) -> None:
-    warnings.warn(f"stableopt: {what} at step {step} is not finite (the loss or a Hessian-vector product); reporting NaN", RuntimeWarning, stacklevel=4)
+    warnings.warn(
+        f"stableopt: {what} at step {step} is not finite (the loss or a Hessian-vector product); reporting NaN",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def estimate_trace(
-    loss_fn: Callable[..., Tensor], groups: Sequence[MeasuredGroup], *, preconditioned: bool = True, probes: int = 30,
-    method: str = "hutch++", batches: Iterable[Any] | None = None, hvp: str = "auto",
-    choice: BackendChoice | None = None, step: int = 0, seed: int | None = None,
+    loss_fn: Callable[..., Tensor],
+    groups: Sequence[MeasuredGroup],
+    *,
+    preconditioned: bool = True,
+    probes: int = 30,
+    method: str = "hutch++",
+    batches: Iterable[Any] | None = None,
+    hvp: str = "auto",
+    choice: BackendChoice | None = None,
+    step: int = 0,
+    seed: int | None = None,
 ) -> TraceReport:
     """tr(P⁻¹H) (or tr(H)) by Hutch++ or Hutchinson with ``probes`` Hessian-vector products.
 
@@ -66,10 +79,17 @@ def estimate_trace(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     estimator = hutch_plus_plus if method == "hutch++" else hutchinson
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < (3 if method == "hutch++" else 1):
-        raise ValueError(f"probes must be an integer >= {3 if method == 'hutch++' else 1} for method={method!r}, got {probes!r}")
+        raise ValueError(
+            f"probes must be an integer >= {3 if method == 'hutch++' else 1} for method={method!r}, got {probes!r}"
+        )
     generator = _generator(seed, step)
     t0 = time.perf_counter()
-    fingerprint = {"probes": probes, "trace method": METHODS.index(method), "preconditioned": preconditioned, "step": step}
+    fingerprint = {
+        "probes": probes,
+        "trace method": METHODS.index(method),
+        "preconditioned": preconditioned,
+        "step": step,
+    }
     with measure(loss_fn, groups, batches=batches, hvp=check_backend(hvp), choice=choice, fingerprint=fingerprint) as m:
         op = m.operator("preconditioned" if preconditioned else "raw")
         est = estimator(op, probes, generator) if math.isfinite(m.loss) else None
@@ -78,16 +98,33 @@ def estimate_trace(
             _not_finite("the trace", step)
             trace = stderr = math.nan
         return TraceReport(
-            step=step, trace=trace, stderr=stderr, probes=probes, hvps=m.products, method=method,
-            preconditioned=preconditioned, size=op.size, seconds=m.agree_seconds(time.perf_counter() - t0),
-            loss=m.loss, dtype=str(m.space.dtype).replace("torch.", ""), hvp_backend=m.backend,
+            step=step,
+            trace=trace,
+            stderr=stderr,
+            probes=probes,
+            hvps=m.products,
+            method=method,
+            preconditioned=preconditioned,
+            size=op.size,
+            seconds=m.agree_seconds(time.perf_counter() - t0),
+            loss=m.loss,
+            dtype=str(m.space.dtype).replace("torch.", ""),
+            hvp_backend=m.backend,
         )
 
 
 def estimate_density(
-    loss_fn: Callable[..., Tensor], groups: Sequence[MeasuredGroup], *, preconditioned: bool = True, probes: int = 8,
-    iters: int = 40, batches: Iterable[Any] | None = None, hvp: str = "auto",
-    choice: BackendChoice | None = None, step: int = 0, seed: int | None = None,
+    loss_fn: Callable[..., Tensor],
+    groups: Sequence[MeasuredGroup],
+    *,
+    preconditioned: bool = True,
+    probes: int = 8,
+    iters: int = 40,
+    batches: Iterable[Any] | None = None,
+    hvp: str = "auto",
+    choice: BackendChoice | None = None,
+    step: int = 0,
+    seed: int | None = None,
 ) -> DensityReport:
     """The spectral density of P⁻¹H (or H) by stochastic Lanczos quadrature: ``probes`` probes
     of ``iters`` Lanczos steps (about probes × iters Hessian-vector products).
@@ -108,14 +145,24 @@ def estimate_density(
     fingerprint = {"probes": probes, "iters": iters, "preconditioned": preconditioned, "step": step}
     with measure(loss_fn, groups, batches=batches, hvp=check_backend(hvp), choice=choice, fingerprint=fingerprint) as m:
         op = m.operator("preconditioned" if preconditioned else "raw")
-        nodes, weights, finite = lanczos_quadrature(op, probes, iters, generator) if math.isfinite(m.loss) else ([], [], False)
+        nodes, weights, finite = (
+            lanczos_quadrature(op, probes, iters, generator) if math.isfinite(m.loss) else ([], [], False)
+        )
         if not finite:
             _not_finite("the spectral density", step)
         return DensityReport(
-            step=step, nodes=tuple(tuple(r) for r in nodes), weights=tuple(tuple(r) for r in weights), probes=probes,
-            iters=iters, hvps=m.products, preconditioned=preconditioned, size=op.size,
-            seconds=m.agree_seconds(time.perf_counter() - t0), loss=m.loss,
-            dtype=str(m.space.dtype).replace("torch.", ""), hvp_backend=m.backend,
+            step=step,
+            nodes=tuple(tuple(r) for r in nodes),
+            weights=tuple(tuple(r) for r in weights),
+            probes=probes,
+            iters=iters,
+            hvps=m.products,
+            preconditioned=preconditioned,
+            size=op.size,
+            seconds=m.agree_seconds(time.perf_counter() - t0),
+            loss=m.loss,
+            dtype=str(m.space.dtype).replace("torch.", ""),
+            hvp_backend=m.backend,
         )
 
 
@@ -127,8 +174,15 @@ class EstimatorsMixin:
     _sharpness_groups: Callable[[], list[MeasuredGroup]]
 
     def hessian_trace(
-        self, loss_fn: Callable[..., Tensor], *, preconditioned: bool = True, probes: int = 30, method: str = "hutch++",
-        batches: Iterable[Any] | None = None, hvp: str = "auto", seed: int | None = None,
+        self,
+        loss_fn: Callable[..., Tensor],
+        *,
+        preconditioned: bool = True,
+        probes: int = 30,
+        method: str = "hutch++",
+        batches: Iterable[Any] | None = None,
+        hvp: str = "auto",
+        seed: int | None = None,
     ) -> TraceReport:
         """Estimate tr(P⁻¹H) (``preconditioned=True``: the sum of the eigenvalues of P⁻¹H, of
         which λ_max is the largest) or tr(H) with ``probes`` Hessian-vector products.
@@ -142,13 +196,28 @@ class EstimatorsMixin:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         return estimate_trace(
-            loss_fn, self._sharpness_groups(), preconditioned=preconditioned, probes=probes, method=method,
-            batches=batches, hvp=hvp, choice=self._stableopt_backend, step=self._stableopt_step, seed=seed,
+            loss_fn,
+            self._sharpness_groups(),
+            preconditioned=preconditioned,
+            probes=probes,
+            method=method,
+            batches=batches,
+            hvp=hvp,
+            choice=self._stableopt_backend,
+            step=self._stableopt_step,
+            seed=seed,
         )
 
     def spectral_density(
-        self, loss_fn: Callable[..., Tensor], *, preconditioned: bool = True, probes: int = 8, iters: int = 40,
-        batches: Iterable[Any] | None = None, hvp: str = "auto", seed: int | None = None,
+        self,
+        loss_fn: Callable[..., Tensor],
+        *,
+        preconditioned: bool = True,
+        probes: int = 8,
+        iters: int = 40,
+        batches: Iterable[Any] | None = None,
+        hvp: str = "auto",
+        seed: int | None = None,
     ) -> DensityReport:
         """Estimate the eigenvalue density of P⁻¹H (or H) by stochastic Lanczos quadrature.
 
@@ -160,6 +229,14 @@ class EstimatorsMixin:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         return estimate_density(
-            loss_fn, self._sharpness_groups(), preconditioned=preconditioned, probes=probes, iters=iters,
-            batches=batches, hvp=hvp, choice=self._stableopt_backend, step=self._stableopt_step, seed=seed,
+            loss_fn,
+            self._sharpness_groups(),
+            preconditioned=preconditioned,
+            probes=probes,
+            iters=iters,
+            batches=batches,
+            hvp=hvp,
+            choice=self._stableopt_backend,
+            step=self._stableopt_step,
+            seed=seed,
         )

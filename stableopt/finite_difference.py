@@ -41,7 +41,8 @@ FSDP2 (DTensor) parameters, whose gradients only exist after FSDP's reduce-scatt
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -17,7 +17,8 @@ benchmarks/hvp.py); it is exact where ``"fd"`` is approximate.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -135,11 +136,11 @@ def make_forward_hvp(
         primals = tuple(p.detach() for p in params)
         tangents = tuple(v.to(p.dtype) for v, p in zip(vectors, params))
         acc: list[Tensor | None] = [None] * len(params)
-        for args, w, where in evaluations:
-            grad_fn = torch.func.grad(lambda *flat: loss_at(flat, args), argnums=tuple(range(len(params))))
+        for args, w, _where in evaluations:
+            grad_fn = torch.func.grad(lambda *flat, args=args: loss_at(flat, args), argnums=tuple(range(len(params))))
             try:
                 with torch.enable_grad():
-                    _, out = torch.func.jvp(grad_fn, primals, tangents)
+                    out = torch.func.jvp(grad_fn, primals, tangents)[1]
             except (RuntimeError, NotImplementedError) as exc:
                 raise ForwardADError(
                     "stableopt: hvp='forward' (torch.func jvp over grad) failed through the model: "

@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import astuple
-from typing import Any, Callable, Iterable
+from typing import Any, cast
 
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
+
+from ._checkpoint import check_guard_state
 
 # One event type for the guard, the history and the report (step, group, old/new factor, ratio,
 # reason). Reasons written by the guard: "cut" (ratio above the trigger), "relax" (back toward
 # 1 after the ratio stayed below the recovery level), "raise" (mode="edge", factor above 1).
 from .backends import check_backend
 from .history import GuardEvent
-from ._checkpoint import check_guard_state
 from .rules import ADAM_TRANSIENT  # noqa: F401 - re-exported (it lived here before 0.2)
 
 __all__ = ["GuardEvent", "LRGuard"]
@@ -218,9 +220,15 @@ class LRGuard:
         edge = mode == "edge"
         self.mode = mode
         self.trigger = _check_positive("trigger", trigger)
-        self.target = _check_positive("target", 1.0 if edge else 0.9) if target is None else _check_positive("target", target)
+        self.target = (
+            _check_positive("target", 1.0 if edge else 0.9) if target is None else _check_positive("target", target)
+        )
         self.recovery = (0.9 if edge else 0.7) if recovery is None else _check_positive("recovery", recovery)
-        self.patience = (1 if edge else 3) if patience is None else _check_count("patience", patience, allow_none=False, minimum=1)
+        self.patience: int = (
+            (1 if edge else 3)
+            if patience is None
+            else cast(int, _check_count("patience", patience, allow_none=False, minimum=1))
+        )
         self.relax_rate = _check_positive("relax_rate", relax_rate)
         self.floor = _check_positive("floor", floor)
         if cap is not None and not edge and cap != 1.0:
@@ -243,7 +251,10 @@ class LRGuard:
             raise TypeError(f"LRGuard: loss_fn must be callable, got {type(loss_fn).__name__}")
         self._loss_fn = loss_fn
         self._sharpness_kwargs: dict[str, Any] = {
-            "batches": batches, "tol": _check_tol(tol), "max_iters": max_iters, "hvp": check_backend(hvp),
+            "batches": batches,
+            "tol": _check_tol(tol),
+            "max_iters": max_iters,
+            "hvp": check_backend(hvp),
         }
 
         #: every action, in order
@@ -269,9 +280,13 @@ class LRGuard:
             TypeError: ``optimizer`` is not a stableopt optimizer.
         """
         if self._optimizer is not None:
-            raise RuntimeError("LRGuard: this guard is already attached to an optimizer; create one guard per optimizer")
+            raise RuntimeError(
+                "LRGuard: this guard is already attached to an optimizer; create one guard per optimizer"
+            )
         if not hasattr(optimizer, "register_measurement_hook"):
-            raise TypeError(f"LRGuard needs a stableopt optimizer (stableopt.Adam, ...), got {type(optimizer).__name__}")
+            raise TypeError(
+                f"LRGuard needs a stableopt optimizer (stableopt.Adam, ...), got {type(optimizer).__name__}"
+            )
         self._optimizer = optimizer
         if self.signal == "directional":
             self._handles.append(optimizer.register_directional_hook(self._on_measurement))
@@ -329,7 +344,7 @@ class LRGuard:
             optimizer._stableopt_lr_scale = self.factors
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if optimizer.steps_taken % self.every != 0:  # type: ignore[operator]
+        if self.every is None or optimizer.steps_taken % self.every != 0:
             return
         if self._loss_fn is None:
             raise RuntimeError(

@@ -44,15 +44,35 @@ import os
 import time
 import weakref
 from array import array
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from . import _history_file
 from ._columns import (  # noqa: F401 - the column tables are part of this module's API
-    DYNAMIC_PREFIXES, EVENT_COLUMNS, HVP_BACKEND_CODES, MAX_REASON_CHARS, MEASUREMENT_COLUMNS, SCHEMA_VERSION,
-    SECANT_COLUMNS, TABLES, TRACK_COLUMNS, BLOCK_COLUMN, Tables, DIRECTIONAL_COLUMNS, DIRECTIONAL_KINDS, OPTIONAL_COLUMNS, OPTIONAL_TABLES, check_row, dynamic_order, is_dynamic, table_of, tables_from_state, typed,
+    BLOCK_COLUMN,
+    DIRECTIONAL_COLUMNS,
+    DIRECTIONAL_KINDS,
+    DYNAMIC_PREFIXES,
+    EVENT_COLUMNS,
+    HVP_BACKEND_CODES,
+    MAX_REASON_CHARS,
+    MEASUREMENT_COLUMNS,
+    OPTIONAL_COLUMNS,
+    OPTIONAL_TABLES,
+    SCHEMA_VERSION,
+    SECANT_COLUMNS,
+    TABLES,
+    TRACK_COLUMNS,
+    Tables,
+    check_row,
+    dynamic_order,
+    is_dynamic,
+    table_of,
+    tables_from_state,
+    typed,
 )
 from ._history_file import FORMAT
 
@@ -194,13 +214,27 @@ class History:
     def append_directional(self, step: int, value: float, ratio: float, hvps: int, direction: str) -> None:
         """Record a directional sharpness (see :mod:`stableopt.directional`)."""
         kind = DIRECTIONAL_KINDS.index(direction)
-        self._append("directional", {"directional_step": step, "directional": value, "directional_ratio": ratio, "directional_hvps": hvps, "directional_kind": kind})
+        self._append(
+            "directional",
+            {
+                "directional_step": step,
+                "directional": value,
+                "directional_ratio": ratio,
+                "directional_hvps": hvps,
+                "directional_kind": kind,
+            },
+        )
 
     def append_track(self, step: int, value: float, ratio: float, residual: float, hvps: int) -> None:
         """Record one step of a tracking monitor (``opt.monitor(..., budget=b)``)."""
-        self._append("tracking", {"track_step": step, "track": value, "track_ratio": ratio, "track_residual": residual, "track_hvps": hvps})
+        self._append(
+            "tracking",
+            {"track_step": step, "track": value, "track_ratio": ratio, "track_residual": residual, "track_hvps": hvps},
+        )
 
-    def append_event(self, step: int, group: int, old_factor: float, new_factor: float, ratio: float, reason: str) -> None:
+    def append_event(
+        self, step: int, group: int, old_factor: float, new_factor: float, ratio: float, reason: str
+    ) -> None:
         """Record a guard action: group ``group``'s lr factor ``old_factor`` → ``new_factor``."""
         self._append(
             "events",
@@ -248,7 +282,7 @@ class History:
         n = t.rows[table]
         if not n:
             return np.zeros(0, dtype=_NP[col.typecode])
-        raw = np.frombuffer(col, dtype=np.int8 if col.typecode == "b" else _NP[col.typecode], count=n)
+        raw: np.ndarray = np.frombuffer(col, dtype=np.int8 if col.typecode == "b" else _NP[col.typecode], count=n)
         return raw.astype(_NP[col.typecode])  # a copy: the history stays append-only
 
     def hvp_backends(self) -> list[str]:
@@ -410,7 +444,9 @@ class History:
 
         return {
             "schema": SCHEMA_VERSION,
-            "columns": {name: torch.from_numpy(self.column(name)) for t in self._stored_tables() for name in self.columns(t)},
+            "columns": {
+                name: torch.from_numpy(self.column(name)) for t in self._stored_tables() for name in self.columns(t)
+            },
             "event_reasons": list(self._event_reasons()),
         }
 

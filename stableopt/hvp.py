@@ -15,8 +15,9 @@ product runs one forward and double backward per batch (memory of one batch at a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -143,12 +144,12 @@ def _check_differentiable(grads: Sequence[Tensor | None]) -> None:
                     "differentiate it and would silently give a zero second derivative"
                 )
             )
-        stack.extend(fn for fn, _ in node.next_functions)
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
 
 
 def _gradients(loss: Tensor, params: Sequence[Tensor], where: str) -> list[Tensor | None]:
     try:
-        grads = list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
+        grads: list[Tensor | None] = list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
     except (RuntimeError, NotImplementedError) as exc:
         raise DoubleBackwardError(exc) from exc
     check_gradients(grads, where)
@@ -164,7 +165,7 @@ def _double_backward(
         return [None] * len(params)
     try:
         out = torch.autograd.grad(
-            [grads[i] for i in idx],
+            [g for i in idx if (g := grads[i]) is not None],  # every one (idx): mypy sees the filter
             params,
             grad_outputs=[vectors[i].to(grads[i].dtype) for i in idx],  # type: ignore[union-attr]
             retain_graph=True,
@@ -216,8 +217,7 @@ def batch_weights(batches: Iterable[Any]) -> tuple[list[float], int]:
         first_iter = iter(batches)
     except TypeError:
         raise TypeError(
-            "batches must be a re-iterable of batches (a list, tuple or DataLoader), got "
-            f"{type(batches).__name__}"
+            f"batches must be a re-iterable of batches (a list, tuple or DataLoader), got {type(batches).__name__}"
         ) from None
     if first_iter is batches:
         raise TypeError(

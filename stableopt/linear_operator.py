@@ -9,7 +9,8 @@ across ranks; :class:`DenseOperator` wraps a plain function on whole vectors.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor

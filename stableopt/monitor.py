@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import atexit
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,7 +56,7 @@ BELOW, ABOVE = 0.9, 1.1
 
 
 def zone(ratio: float) -> str:
-    """"below", "at" or "above" the edge of stability (or "unknown" for NaN).
+    """ "below", "at" or "above" the edge of stability (or "unknown" for NaN).
 
     >>> zone(0.5), zone(1.05), zone(1.3)
     ('below', 'at', 'above')
@@ -102,19 +103,29 @@ class SecantTracker:
             step = optimizer.steps_taken
             prev_theta, prev_grad = self._theta, self._grad
             if (
-                prev_theta is not None and prev_grad is not None and self._at == step - 1
+                prev_theta is not None
+                and prev_grad is not None
+                and self._at == step - 1
                 and len(prev_theta) == len(theta)
                 and all(a.shape == b.shape for a, b in zip(prev_theta, theta))
             ):
                 self._record(optimizer, step, theta, grads, prev_theta, prev_grad)
                 torch._foreach_copy_(prev_theta, theta)
-                torch._foreach_copy_(prev_grad, grads)  # type: ignore[arg-type]
+                torch._foreach_copy_(prev_grad, grads)
             else:
                 self._theta = [t.clone() for t in theta]
                 self._grad = [g.clone() for g in grads]
             self._at = step
 
-    def _record(self, optimizer: Any, step: int, theta: list[Tensor], grads: list[Tensor], prev_theta: list[Tensor], prev_grad: list[Tensor]) -> None:
+    def _record(
+        self,
+        optimizer: Any,
+        step: int,
+        theta: list[Tensor],
+        grads: list[Tensor],
+        prev_theta: list[Tensor],
+        prev_grad: list[Tensor],
+    ) -> None:
         dtheta = torch._foreach_sub(theta, prev_theta)
         dgrad = torch._foreach_sub(grads, prev_grad)
         precond = optimizer.preconditioner()  # P of the step that made Δθ
@@ -203,7 +214,26 @@ class Monitor:
         fired: the step counts it measured at.
     """
 
-    def __init__(self, owner: MonitorSet, monitor_id: int, loss_fn: Callable[..., Tensor], *, every: int, batches: Iterable[Any] | None, raw: bool, k: int, tol: float, max_iters: int | None, live: bool, secant: bool, hvp: str = "auto", log: Callable[[dict[str, float], int], Any] | None = None, directional: str | None = None, directional_every: int = 1, budget: int | None = None) -> None:
+    def __init__(
+        self,
+        owner: MonitorSet,
+        monitor_id: int,
+        loss_fn: Callable[..., Tensor],
+        *,
+        every: int,
+        batches: Iterable[Any] | None,
+        raw: bool,
+        k: int,
+        tol: float,
+        max_iters: int | None,
+        live: bool,
+        secant: bool,
+        hvp: str = "auto",
+        log: Callable[[dict[str, float], int], Any] | None = None,
+        directional: str | None = None,
+        directional_every: int = 1,
+        budget: int | None = None,
+    ) -> None:
         self._owner = owner
         self.budget = budget
         self._tracker: Any = None
@@ -233,13 +263,25 @@ class Monitor:
         return self.id in self._owner.monitors
 
     def schedule(self) -> dict[str, Any]:
-        return {"id": self.id, "every": self.every, "raw": self.raw, "k": self.k, "tol": self.tol, "secant": self.secant, "live": self.live,
-                "hvp": self.hvp, "directional": self.directional, "directional_every": self.directional_every,
-                "budget": self.budget}
+        return {
+            "id": self.id,
+            "every": self.every,
+            "raw": self.raw,
+            "k": self.k,
+            "tol": self.tol,
+            "secant": self.secant,
+            "live": self.live,
+            "hvp": self.hvp,
+            "directional": self.directional,
+            "directional_every": self.directional_every,
+            "budget": self.budget,
+        }
 
     def measure_directional(self) -> Any:
         """Measure the directional sharpness now (recorded in the history's directional table)."""
-        return self._owner.optimizer.directional_sharpness(self.loss_fn, self.directional, batches=self.batches, hvp=self.hvp)
+        return self._owner.optimizer.directional_sharpness(
+            self.loss_fn, self.directional, batches=self.batches, hvp=self.hvp
+        )
 
     def measure(self) -> Any:
         """Measure now (what the schedule does after every ``every``-th step)."""
@@ -253,8 +295,13 @@ class Monitor:
             if self.budget is not None:
                 return self._track(opt, view)
             report = opt.sharpness(
-                self.loss_fn, batches=self.batches, raw=self.raw, k=self.k, tol=self.tol,
-                max_iters=self.max_iters, hvp=self.hvp,
+                self.loss_fn,
+                batches=self.batches,
+                raw=self.raw,
+                k=self.k,
+                tol=self.tol,
+                max_iters=self.max_iters,
+                hvp=self.hvp,
             )
         finally:
             history.source = previous
@@ -273,7 +320,9 @@ class Monitor:
 
         if self._tracker is None:
             self._tracker = Tracker(self.budget, generator=torch.Generator().manual_seed(TRACK_SEED + self.id))  # type: ignore[arg-type]
-        report = track(opt, self.loss_fn, self._tracker, batches=self.batches, hvp=self.hvp, tol=self.tol, key=f"track:{self.id}")
+        report = track(
+            opt, self.loss_fn, self._tracker, batches=self.batches, hvp=self.hvp, tol=self.tol, key=f"track:{self.id}"
+        )
         self.last = report
         self.fired.append(report.step)
         if view is not None:
@@ -335,7 +384,25 @@ class MonitorSet:
             self._view = _LiveView(self.optimizer.history, self.console)
         return self._view
 
-    def add(self, loss_fn: Callable[..., Tensor], *, every: int | None = None, batches: Iterable[Any] | None = None, raw: bool | None = None, k: int | None = None, tol: float | None = None, max_iters: int | None = None, live: bool = False, secant: bool | None = None, console: Any = None, hvp: str | None = None, log: Callable[[dict[str, float], int], Any] | None = None, directional: str | None = None, directional_every: int | None = None, budget: int | None = None) -> Monitor:
+    def add(
+        self,
+        loss_fn: Callable[..., Tensor],
+        *,
+        every: int | None = None,
+        batches: Iterable[Any] | None = None,
+        raw: bool | None = None,
+        k: int | None = None,
+        tol: float | None = None,
+        max_iters: int | None = None,
+        live: bool = False,
+        secant: bool | None = None,
+        console: Any = None,
+        hvp: str | None = None,
+        log: Callable[[dict[str, float], int], Any] | None = None,
+        directional: str | None = None,
+        directional_every: int | None = None,
+        budget: int | None = None,
+    ) -> Monitor:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if hvp is not None:
@@ -359,7 +426,7 @@ class MonitorSet:
                 budget = schedule.get("budget")
             if schedule.get("id") not in self.monitors:
                 monitor_id = int(schedule.get("id", monitor_id))
-        opts = {key: base[key] if value is None else value for key, value in given.items()}
+        opts: dict[str, Any] = {key: base[key] if value is None else value for key, value in given.items()}
         _check_positive_int("every", opts["every"])
         _check_positive_int("k", opts["k"])
         if not isinstance(opts["raw"], bool):
@@ -369,17 +436,35 @@ class MonitorSet:
             raise ValueError(f"tol must be a number in (0, 1), got {tol_value!r}")
         if directional is not None and directional not in DIRECTIONS:
             raise ValueError(f"directional must be one of {DIRECTIONS} or None, got {directional!r}")
-        directional_every = _check_positive_int("directional_every", 1 if directional_every is None else directional_every)
+        directional_every = _check_positive_int(
+            "directional_every", 1 if directional_every is None else directional_every
+        )
         if budget is not None:
             _check_positive_int("budget", budget)
             if opts["raw"] or opts["k"] != 1:
-                raise ValueError(f"a tracking monitor (budget={budget}) follows λ_max(P⁻¹H) only; raw=True and k > 1 need full measurements (a monitor without budget)")
+                raise ValueError(
+                    f"a tracking monitor (budget={budget}) follows λ_max(P⁻¹H) only; raw=True and k > 1 need full measurements (a monitor without budget)"
+                )
         if console is not None:
             if self._view is not None and self._view.console is not console:
                 self._view.stop()
                 self._view = None
             self.console = console
-        monitor = Monitor(self, monitor_id, loss_fn, batches=batches, max_iters=max_iters, live=bool(live), secant=bool(secant), hvp=hvp or "auto", log=log, directional=directional, directional_every=directional_every, budget=budget, **opts)
+        monitor = Monitor(
+            self,
+            monitor_id,
+            loss_fn,
+            batches=batches,
+            max_iters=max_iters,
+            live=bool(live),
+            secant=bool(secant),
+            hvp=hvp or "auto",
+            log=log,
+            directional=directional,
+            directional_every=directional_every,
+            budget=budget,
+            **opts,
+        )
         self.monitors[monitor.id] = monitor
         self._next_id = max(self._next_id, monitor_id + 1)
         return monitor

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -193,7 +194,9 @@ class BlockOperator(CurvatureOperator):
         idx = [int(i) for i in indices]
         count = len(parent.space.params)
         if not idx or len(set(idx)) != len(idx) or not all(0 <= i < count for i in idx):
-            raise ValueError(f"indices must be distinct positions in 0..{count - 1} of the space's parameters, got {list(indices)!r}")
+            raise ValueError(
+                f"indices must be distinct positions in 0..{count - 1} of the space's parameters, got {list(indices)!r}"
+            )
         self.parent, self.indices = parent, tuple(idx)
         self._m, self.kind, self._d = parent._m, parent.kind, None
         space = parent.space
@@ -232,7 +235,9 @@ class Measurement:
         loss: the loss at the measured parameters (reduced across ranks).
     """
 
-    def __init__(self, groups: Sequence[MeasuredGroup], space: ParameterSpace, product: Any, sign: float, reduction: Any) -> None:
+    def __init__(
+        self, groups: Sequence[MeasuredGroup], space: ParameterSpace, product: Any, sign: float, reduction: Any
+    ) -> None:
         self.groups = list(groups)
         self.space = space
         self.product = product
@@ -280,7 +285,7 @@ class Measurement:
 
 
 def _local(t: Tensor) -> Tensor:
-    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined,no-any-return]
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
@@ -336,14 +341,22 @@ def measure(
             stack.callback(red.close)
             agreed = {"number of parameters": space.size, "batches given": batches is not None, **(fingerprint or {})}
             if space.sharded and batches is not None:  # FSDP: the same passes (collectives) everywhere
-                agreed["number of batches (FSDP runs one forward per batch on every rank)"] = len(batch_weights(batches)[0])
+                agreed["number of batches (FSDP runs one forward per batch on every rank)"] = len(
+                    batch_weights(batches)[0]
+                )
             red.check(agreed, params)
         yield from _measure(loss_fn, groups, space, sign, red, batches, hvp, choice)
 
 
 def _measure(
-    loss_fn: Callable[..., Tensor], groups: Sequence[MeasuredGroup], space: ParameterSpace, sign: float,
-    red: Any, batches: Iterable[Any] | None, hvp: str, choice: BackendChoice | None,
+    loss_fn: Callable[..., Tensor],
+    groups: Sequence[MeasuredGroup],
+    space: ParameterSpace,
+    sign: float,
+    red: Any,
+    batches: Iterable[Any] | None,
+    hvp: str,
+    choice: BackendChoice | None,
 ) -> Iterator[Measurement]:
     params = space.params
     loss_scale = 1.0
@@ -369,11 +382,18 @@ def _measure(
             return _precision.explained(
                 upcast,
                 lambda: build_product(
-                    hvp, loss_fn, params, batches=batches, before_forward=rng.restore, sharded=space.sharded,
-                    max_abs=max_abs, choice=choice, agree=agree, loss_scale=loss_scale,
+                    hvp,
+                    loss_fn,
+                    params,
+                    batches=batches,
+                    before_forward=rng.restore,
+                    sharded=space.sharded,
+                    max_abs=max_abs,
+                    choice=choice,
+                    agree=agree,
+                    loss_scale=loss_scale,
                 ),
             )
 
         product = build() if red is None else red.first_evaluation(build)
         yield Measurement(groups, space, product, sign, red)
-

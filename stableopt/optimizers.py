@@ -10,21 +10,22 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from . import _checkpoint
-from . import rules as _rules
 from . import directional as _directional
+from . import rules as _rules
 from .backends import BackendChoice, check_backend
 from .blocks import check_blocks
 from .estimators import EstimatorsMixin
 from .guard import LRGuard
-from .operator import Measurement, measure
+from .operator import measure
 from .rules import StabilityRule
 from .sharpness import SharpnessGroup, SharpnessReport, estimate_sharpness
 
@@ -50,7 +51,7 @@ class _LegacyRule(StabilityRule):
     def preconditioner(self, param: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor:
         if self.fn is None:
             return self.base.preconditioner(param, state, group)
-        return self.fn(param, state, group)  # type: ignore[no-any-return]
+        return self.fn(param, state, group)
 
     def threshold(self, group: Mapping[str, Any], lr: float) -> float:
         return self.base.threshold(group, lr)
@@ -88,8 +89,12 @@ class StabilityMixin(EstimatorsMixin):
     stability_rule: StabilityRule
     #: the ``torch.optim`` class whose ``step()`` this class runs unchanged
     torch_class: type
+    #: torch_class.step without torch's hook-running wrapper (set per class)
+    _torch_step: Callable[..., Any]
 
-    def __init_subclass__(cls, torch_class: type | None = None, rule: StabilityRule | None = None, **kwargs: Any) -> None:
+    def __init_subclass__(
+        cls, torch_class: type | None = None, rule: StabilityRule | None = None, **kwargs: Any
+    ) -> None:
         super().__init_subclass__(**kwargs)
         if rule is not None:
             if not isinstance(rule, StabilityRule):
@@ -107,7 +112,9 @@ class StabilityMixin(EstimatorsMixin):
             cls.stability_rule = _LegacyRule(
                 needs_state=bool(getattr(cls, "_needs_state", base.needs_state)),
                 base=base,
-                fn=cls.__dict__["_preconditioner_fn"].__func__ if isinstance(cls.__dict__.get("_preconditioner_fn"), staticmethod) else getattr(cls, "_preconditioner_fn", None),
+                fn=cls.__dict__["_preconditioner_fn"].__func__
+                if isinstance(cls.__dict__.get("_preconditioner_fn"), staticmethod)
+                else getattr(cls, "_preconditioner_fn", None),
             )
         if torch_class is None:
             if not hasattr(cls, "torch_class"):
@@ -116,18 +123,24 @@ class StabilityMixin(EstimatorsMixin):
                     f"class {cls.__name__}(StabilityMixin, torch.optim.X, torch_class=torch.optim.X, rule=...)"
                 )
             return  # a subclass of a stableopt optimizer: same torch class, same __init__
-        if not (isinstance(torch_class, type) and issubclass(torch_class, torch.optim.Optimizer) and issubclass(cls, torch_class)):
-            raise TypeError(f"torch_class must be a torch.optim.Optimizer base class of {cls.__name__}, got {torch_class!r}")
+        if not (
+            isinstance(torch_class, type)
+            and issubclass(torch_class, torch.optim.Optimizer)
+            and issubclass(cls, torch_class)
+        ):
+            raise TypeError(
+                f"torch_class must be a torch.optim.Optimizer base class of {cls.__name__}, got {torch_class!r}"
+            )
         if not hasattr(cls, "stability_rule"):
             raise TypeError(f"{cls.__name__}: pass rule=... (a stableopt.rules.StabilityRule) with torch_class")
         cls.torch_class = torch_class
         base_step = torch_class.step
         while getattr(base_step, "hooked", False):  # torch's hook-running wrapper, see step()
-            base_step = base_step.__wrapped__
+            base_step = base_step.__wrapped__  # type: ignore[attr-defined]
         cls._torch_step = base_step
 
         def __init__(self: StabilityMixin, *args: Any, guard: bool | LRGuard | None = None, **kw: Any) -> None:
-            torch_class.__init__(self, *args, **kw)
+            torch_class.__init__(self, *args, **kw)  # type: ignore[arg-type]
             self._stableopt_init()
             self._stableopt_set_guard(guard)
 
@@ -145,7 +158,7 @@ class StabilityMixin(EstimatorsMixin):
             "edge ratio runs above the edge (off by default; see :mod:`stableopt.guard`)."
         )
         __init__.__qualname__ = f"{cls.__name__}.__init__"
-        cls.__init__ = __init__  # type: ignore[method-assign]
+        cls.__init__ = __init__  # type: ignore[method-assign,assignment]
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _stableopt_init(self) -> None:
@@ -185,7 +198,7 @@ class StabilityMixin(EstimatorsMixin):
             )
         self.guard = guard.bind(self)
 
-    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
         """torch's ``step()``, with any lr scale (the guard's) applied to this step only.
 
         torch wraps ``cls.step`` once with the code that runs step pre/post hooks; this method is
@@ -318,9 +331,21 @@ class StabilityMixin(EstimatorsMixin):
             A :class:`stableopt.monitor.Monitor` handle with ``.remove()``.
         """
         return self._stableopt_components["monitors"].add(
-            loss_fn, every=every, batches=batches, raw=raw, k=k, tol=tol, max_iters=max_iters,
-            live=live, secant=secant, console=console, hvp=hvp, log=log,
-            directional=directional, directional_every=directional_every, budget=budget,
+            loss_fn,
+            every=every,
+            batches=batches,
+            raw=raw,
+            k=k,
+            tol=tol,
+            max_iters=max_iters,
+            live=live,
+            secant=secant,
+            console=console,
+            hvp=hvp,
+            log=log,
+            directional=directional,
+            directional_every=directional_every,
+            budget=budget,
         )
 
     def report(self, console: Any = None) -> None:
@@ -351,7 +376,9 @@ class StabilityMixin(EstimatorsMixin):
                 "last step; call step() first"
             )
         rule = self.stability_rule
-        return [rule.preconditioner(p, self.state.get(p, {}), group) for group in self.param_groups for p in group["params"]]
+        return [
+            rule.preconditioner(p, self.state.get(p, {}), group) for group in self.param_groups for p in group["params"]
+        ]
 
     def stability_threshold(self) -> list[float]:
         """The stability threshold on λ_max(P⁻¹H) of each param group (docs/science.md table).
@@ -396,7 +423,9 @@ class StabilityMixin(EstimatorsMixin):
     @warm_starts.setter
     def warm_starts(self, vectors: dict[str, Tensor]) -> None:
         if not isinstance(vectors, dict) or not all(isinstance(v, Tensor) and v.dim() == 2 for v in vectors.values()):
-            raise TypeError("warm_starts must be a dict of 2-D tensors (kind -> vectors x n), e.g. a copy of opt.warm_starts")
+            raise TypeError(
+                "warm_starts must be a dict of 2-D tensors (kind -> vectors x n), e.g. a copy of opt.warm_starts"
+            )
         self._stableopt_warm = dict(vectors)
 
     @property
@@ -409,7 +438,9 @@ class StabilityMixin(EstimatorsMixin):
         """What ``hvp="auto"`` settled on for this optimizer's model (None before it measured)."""
         return self._stableopt_backend.backend
 
-    def measure(self, loss_fn: Callable[..., Tensor], *, batches: Iterable[Any] | None = None, hvp: str = "auto") -> Any:
+    def measure(
+        self, loss_fn: Callable[..., Tensor], *, batches: Iterable[Any] | None = None, hvp: str = "auto"
+    ) -> Any:
         """A context in which this optimizer's curvature operators can be used by any estimator.
 
         ``with opt.measure(loss_fn) as m:`` yields a :class:`stableopt.operator.Measurement`:
@@ -424,7 +455,9 @@ class StabilityMixin(EstimatorsMixin):
             ...     m.operator("raw").matvec(torch.tensor([1.0, 0.0]))
             tensor([2., 0.])
         """
-        return measure(loss_fn, self._sharpness_groups(), batches=batches, hvp=check_backend(hvp), choice=self._stableopt_backend)
+        return measure(
+            loss_fn, self._sharpness_groups(), batches=batches, hvp=check_backend(hvp), choice=self._stableopt_backend
+        )
 
     def track_updates(self) -> Any:
         """Keep θ_{t−1} from now on, so that ``directional_sharpness(direction="update")`` can
@@ -436,7 +469,12 @@ class StabilityMixin(EstimatorsMixin):
         return _directional.update_tracker(self).acquire()
 
     def directional_sharpness(
-        self, loss_fn: Callable[..., Tensor], direction: Any = "update", *, batches: Iterable[Any] | None = None, hvp: str = "auto",
+        self,
+        loss_fn: Callable[..., Tensor],
+        direction: Any = "update",
+        *,
+        batches: Iterable[Any] | None = None,
+        hvp: str = "auto",
     ) -> _directional.DirectionalReport:
         """The curvature of P⁻¹H along one direction u, with one Hessian-vector product.
 
@@ -543,9 +581,19 @@ class StabilityMixin(EstimatorsMixin):
         generator = torch.Generator().manual_seed(START_VECTOR_SEED + self._stableopt_measurements)
         self._stableopt_measurements += 1
         report = estimate_sharpness(
-            loss_fn, groups, batches=batches, raw=raw, k=k, tol=tol, max_iters=max_iters,
-            step=self._stableopt_step, generator=generator, warm=self._stableopt_warm,
-            hvp=hvp, choice=self._stableopt_backend, blocks=blocks,
+            loss_fn,
+            groups,
+            batches=batches,
+            raw=raw,
+            k=k,
+            tol=tol,
+            max_iters=max_iters,
+            step=self._stableopt_step,
+            generator=generator,
+            warm=self._stableopt_warm,
+            hvp=hvp,
+            choice=self._stableopt_backend,
+            blocks=blocks,
         )
         for hook in list(self._stableopt_measurement_hooks.values()):
             hook(self, report)

@@ -28,8 +28,7 @@ def _matplotlib() -> Any:
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError(
-            "stableopt.plot_history needs matplotlib: pip install matplotlib "
-            '(or pip install "stableopt[examples]")'
+            'stableopt.plot_history needs matplotlib: pip install matplotlib (or pip install "stableopt[examples]")'
         ) from None
     return Figure, FigureCanvasAgg
 
@@ -83,10 +82,16 @@ def _plot(history: Any, path: str, title: str | None, dpi: int) -> Any:
     ax.plot(*finite("threshold"), color="black", ls="--", lw=1.2, label="threshold")
     sec = history.secant()
     if len(sec["secant"]):
-        ax.plot(sec["secant_step"], sec["secant"], color="C0", alpha=0.25, lw=0.6, label="secant estimate (lower bound)")
+        ax.plot(
+            sec["secant_step"], sec["secant"], color="C0", alpha=0.25, lw=0.6, label="secant estimate (lower bound)"
+        )
     plot_directional(history, ax)
     ok = np.isfinite(cols["preconditioned"])
-    top = np.nanmax(np.concatenate([cols["preconditioned"][ok], cols["threshold"][np.isfinite(cols["threshold"])]])) if ok.any() else 1.0
+    top = (
+        np.nanmax(np.concatenate([cols["preconditioned"][ok], cols["threshold"][np.isfinite(cols["threshold"])]]))
+        if ok.any()
+        else 1.0
+    )
     ax.set_ylim(0, 1.15 * top)
     ax.set_ylabel("preconditioned\nsharpness")
     ax.legend(loc="lower right", fontsize=8, frameon=False)

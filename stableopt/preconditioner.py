@@ -15,7 +15,8 @@ optimizer; its P is +inf so that P⁻¹ = 0 freezes it in every preconditioned o
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,9 +50,7 @@ def adam_preconditioner(param: Tensor, state: Mapping[str, Any], group: Mapping[
     return (v.sqrt() / bias_correction2_sqrt).add_(group["eps"])
 
 
-def rmsprop_preconditioner(
-    param: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]
-) -> Tensor:
+def rmsprop_preconditioner(param: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor:
     """P = √v + ε for ``torch.optim.RMSprop``; centered: P = √(v − ḡ²) + ε.
 
     >>> p = torch.nn.Parameter(torch.ones(1))
@@ -71,9 +70,7 @@ def rmsprop_preconditioner(
     return avg.add_(group["eps"])
 
 
-def identity_preconditioner(
-    param: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]
-) -> Tensor:
+def identity_preconditioner(param: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor:
     """P = I for SGD (its gradient is not rescaled per coordinate).
 
     >>> identity_preconditioner(torch.zeros(3), {}, {})

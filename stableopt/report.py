@@ -9,7 +9,8 @@ the edge (ratio < 0.9), yellow *at* it (0.9 ≤ ratio ≤ 1.1), red *above* it (
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from rich.console import Console, Group, RenderableType
@@ -158,7 +159,12 @@ def render_report(history: Any, *, title: str | Text | None = None, spark_width:
         lr = float(last.get(f"lr_{g}", math.nan))
         tau = float(last.get(f"threshold_{g}", math.nan))
         per = float(last["preconditioned"]) / tau if tau and math.isfinite(tau) else math.nan
-        groups.add_row(str(g), f"{lr:.4g}", _num(tau), Text(f"{per:.3f}" if math.isfinite(per) else "—", style=ZONE_STYLE[zone(per)]))
+        groups.add_row(
+            str(g),
+            f"{lr:.4g}",
+            _num(tau),
+            Text(f"{per:.3f}" if math.isfinite(per) else "—", style=ZONE_STYLE[zone(per)]),
+        )
 
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
@@ -171,8 +177,13 @@ def render_report(history: Any, *, title: str | Text | None = None, spark_width:
         f"{n - scheduled} manual[/]",
     )
     grid.add_row("loss", _num(float(last["loss"]), 5))
-    grid.add_row("λ_max(P⁻¹H)", f"{_num(float(last['preconditioned']))}   [dim]threshold {_num(float(last['threshold']))}[/]{converged}")
-    grid.add_row("ratio", Text.assemble((f"{ratio:.3f}", style), "  ", (ZONE_WORDS[z], style), ("   1 = the edge", "dim")))
+    grid.add_row(
+        "λ_max(P⁻¹H)",
+        f"{_num(float(last['preconditioned']))}   [dim]threshold {_num(float(last['threshold']))}[/]{converged}",
+    )
+    grid.add_row(
+        "ratio", Text.assemble((f"{ratio:.3f}", style), "  ", (ZONE_WORDS[z], style), ("   1 = the edge", "dim"))
+    )
     ratios = cols["ratio"]
     finite_ratio = ratios[np.isfinite(ratios)]
     top = max(1.25, float(finite_ratio.max()) if len(finite_ratio) else 1.25)
@@ -204,7 +215,8 @@ def render_report(history: Any, *, title: str | Text | None = None, spark_width:
         grid.add_row(
             "secant estimate",
             Text.assemble(
-                (_num(float(sec["secant"][-1])), "bold"), "  ratio ",
+                (_num(float(sec["secant"][-1])), "bold"),
+                "  ratio ",
                 (f"{s_ratio:.3f}", ZONE_STYLE[zone(s_ratio)]),
                 f"  (max {peak:.3f} over the last {len(recent)} steps)",
                 ("\na lower bound; meaningful for full-batch training only", "dim"),
@@ -229,12 +241,18 @@ def render_report(history: Any, *, title: str | Text | None = None, spark_width:
     add_estimator_rows(grid, history)
     seconds = float(cols["seconds"].sum())
     elapsed = float(last["elapsed"])
-    share = f" = {seconds / elapsed:.1%} of {elapsed:,.1f} s wall time" if math.isfinite(elapsed) and elapsed > 0 else ""
+    share = (
+        f" = {seconds / elapsed:.1%} of {elapsed:,.1f} s wall time" if math.isfinite(elapsed) and elapsed > 0 else ""
+    )
     grid.add_row("cost", f"{int(cols['hvps'].sum()):,} HVPs, {seconds:,.2f} s{share}")
     grid.add_row("HVPs by", _backends(history))
     legend = Text.assemble(
-        ("zones: ", "dim"), ("below", ZONE_STYLE["below"]), (f" < {BELOW} ≤ ", "dim"),
-        ("at", ZONE_STYLE["at"]), (f" ≤ {ABOVE} < ", "dim"), ("above", ZONE_STYLE["above"]),
+        ("zones: ", "dim"),
+        ("below", ZONE_STYLE["below"]),
+        (f" < {BELOW} ≤ ", "dim"),
+        ("at", ZONE_STYLE["at"]),
+        (f" ≤ {ABOVE} < ", "dim"),
+        ("above", ZONE_STYLE["above"]),
     )
     return Panel(
         Group(groups, Text(""), grid, Text(""), legend),
@@ -275,7 +293,17 @@ def _line_cells(rows: list[int], height: int) -> list[list[str]]:
     return cells
 
 
-def _chart(title: str, xs: np.ndarray, ys: np.ndarray, *, width: int, height: int, hline: float | None = None, zoned: bool = False, style: str = "cyan") -> Text:
+def _chart(
+    title: str,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    *,
+    width: int,
+    height: int,
+    hline: float | None = None,
+    zoned: bool = False,
+    style: str = "cyan",
+) -> Text:
     ok = np.isfinite(ys)
     text = Text()
     text.append(title + "\n", style="bold")
@@ -309,7 +337,7 @@ def _chart(title: str, xs: np.ndarray, ys: np.ndarray, *, width: int, height: in
         text.append(f"{labels.get(r, ''):>{label_w}} ┤", style="dim")
         row_value = hi - (hi - lo) * r / (height - 1)
         row_style = ZONE_STYLE[zone(row_value)] if zoned else style
-        for c, ch in enumerate(row):
+        for _c, ch in enumerate(row):
             if ch != " ":
                 text.append(ch, style=row_style)
             elif r == line_row:
@@ -331,10 +359,27 @@ def terminal_chart(history: Any, *, width: int = 64, height: int = 10) -> Render
         return Text("")
     steps = cols["step"]
     parts: list[RenderableType] = [
-        _chart("ratio λ_max(P⁻¹H) / threshold  (╌╌ the edge, ratio 1)", steps, cols["ratio"], width=width, height=height, hline=1.0, zoned=True)
+        _chart(
+            "ratio λ_max(P⁻¹H) / threshold  (╌╌ the edge, ratio 1)",
+            steps,
+            cols["ratio"],
+            width=width,
+            height=height,
+            hline=1.0,
+            zoned=True,
+        )
     ]
     if np.isfinite(cols["raw"]).any():
-        parts.append(_chart("raw sharpness λ_max(H)", steps, cols["raw"], width=width, height=max(4, height // 2 + 1), style="magenta"))
+        parts.append(
+            _chart(
+                "raw sharpness λ_max(H)",
+                steps,
+                cols["raw"],
+                width=width,
+                height=max(4, height // 2 + 1),
+                style="magenta",
+            )
+        )
     return Group(*parts)
 
 
@@ -348,7 +393,10 @@ def render_saved(history: Any, name: str) -> Group:
         f": {len(history)} measurements of ",
         text(meta.get("optimizer", "an optimizer")),
         "\n",
-        text(f"written by stableopt {meta.get('stableopt_version', '?')} with torch {meta.get('torch_version', '?')}", "dim"),
+        text(
+            f"written by stableopt {meta.get('stableopt_version', '?')} with torch {meta.get('torch_version', '?')}",
+            "dim",
+        ),
     )
     title = Text.assemble(("stableopt · ", "bold"), text(optimizer, "bold", limit=100))
     return Group(header, render_report(history, title=title), terminal_chart(history))

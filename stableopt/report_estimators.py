@@ -83,7 +83,8 @@ def add_estimator_rows(grid: Table, history: Any) -> None:
         grid.add_row(
             "tracked λ_max",
             Text.assemble(
-                (f"{float(track['track'][-1]):.4g}", "bold"), "  ratio ",
+                (f"{float(track['track'][-1]):.4g}", "bold"),
+                "  ratio ",
                 (f"{ratio:.3f}" if math.isfinite(ratio) else "—", _style(ratio)),
                 f"  residual ≤ {float(track['track_residual'][-1]):.2g}",
                 (f"\n{len(track['track_step'])} steps, ≤ {int(track['track_hvps'].max())} HVPs each", "dim"),

@@ -23,8 +23,9 @@ and a user can do the same for their own optimizer by subclassing :class:`Stabil
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from torch import Tensor
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, MutableMapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -43,8 +44,8 @@ WARM_MIN_ITERS = 4
 #: estimate ‖r‖²/gap ≤ tol·|θ| ("gap"), which needs fewer Hessian-vector products when the start
 #: is already close to the top eigenvector (benchmarks/sharpness.py measures both rules, cold
 #: and warm, against tight references).
-STOP_BOUND = "residual"
-WARM_STOP_BOUND = "gap"
+STOP_BOUND: Literal["residual", "gap"] = "residual"
+WARM_STOP_BOUND: Literal["residual", "gap"] = "gap"
 #: Most Lanczos vectors a solve holds at once (thick restart beyond that, see
 #: :func:`stableopt.eigen.lanczos`): memory of a measurement is bounded by about this many
 #: copies of the parameters, whatever the number of iterations. On the benchmark MLP (656,810
@@ -109,15 +110,28 @@ class SharpnessReport:
         )
 
 
-def _nan_report(step: int, k: int, groups: Sequence[SharpnessGroup], raw: bool, m: Measurement, t0: float, why: str) -> SharpnessReport:
-    warnings.warn(f"stableopt: sharpness at step {step} is not finite ({why}); reporting NaN", RuntimeWarning, stacklevel=3)
+def _nan_report(
+    step: int, k: int, groups: Sequence[SharpnessGroup], raw: bool, m: Measurement, t0: float, why: str
+) -> SharpnessReport:
+    warnings.warn(
+        f"stableopt: sharpness at step {step} is not finite ({why}); reporting NaN", RuntimeWarning, stacklevel=3
+    )
     nan = math.nan
     return SharpnessReport(
-        step=step, preconditioned=nan, threshold=_common_threshold(groups), ratio=nan,
-        raw=nan if raw else None, eigenvalues=(nan,) * k, hvps=m.products, residual=nan,
-        converged=False, seconds=m.agree_seconds(time.perf_counter() - t0),
-        thresholds=tuple(float(g.threshold) for g in groups), loss=m.loss,
-        dtype=str(m.space.dtype).replace("torch.", ""), hvp_backend=m.backend,
+        step=step,
+        preconditioned=nan,
+        threshold=_common_threshold(groups),
+        ratio=nan,
+        raw=nan if raw else None,
+        eigenvalues=(nan,) * k,
+        hvps=m.products,
+        residual=nan,
+        converged=False,
+        seconds=m.agree_seconds(time.perf_counter() - t0),
+        thresholds=tuple(float(g.threshold) for g in groups),
+        loss=m.loss,
+        dtype=str(m.space.dtype).replace("torch.", ""),
+        hvp_backend=m.backend,
     )
 
 
@@ -131,7 +145,9 @@ def _common_threshold(groups: Sequence[SharpnessGroup]) -> float:
     return math.nan
 
 
-def _warm_start(warm: MutableMapping[str, Tensor] | None, key: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+def _warm_start(
+    warm: MutableMapping[str, Tensor] | None, key: str, n: int, dtype: torch.dtype, device: torch.device
+) -> Tensor | None:
     if warm is None or key not in warm:
         return None
     vecs = warm[key]
@@ -208,7 +224,11 @@ def estimate_sharpness(
     t0 = time.perf_counter()
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     fingerprint = {
-        "k": k, "raw": raw, "tol": tol, "max_iters": -1 if max_iters is None else max_iters, "step": step,
+        "k": k,
+        "raw": raw,
+        "tol": tol,
+        "max_iters": -1 if max_iters is None else max_iters,
+        "step": step,
     }
     blocks = _blocks.check_blocks(blocks)
     watcher = _blocks.watch(blocks)  # blocks="module": sees the modules of the first evaluation
@@ -223,8 +243,18 @@ def estimate_sharpness(
 
 
 def _estimate(
-    m: Measurement, groups: Sequence[SharpnessGroup], step: int, k: int, raw: bool, tol: float, max_iters: int | None,
-    generator: torch.Generator, warm: MutableMapping[str, Tensor] | None, blocks: Any, watcher: Any, t0: float,
+    m: Measurement,
+    groups: Sequence[SharpnessGroup],
+    step: int,
+    k: int,
+    raw: bool,
+    tol: float,
+    max_iters: int | None,
+    generator: torch.Generator,
+    warm: MutableMapping[str, Tensor] | None,
+    blocks: Any,
+    watcher: Any,
+    t0: float,
 ) -> SharpnessReport:
     if not math.isfinite(m.loss):
         return _nan_report(step, k, groups, raw, m, t0, "the loss is not finite")
@@ -233,9 +263,16 @@ def _estimate(
         key = op.kind if key is None else key
         v0, cold = op.start(_warm_start(warm, key, op.local_size, op.dtype, op.device), generator)
         res = lanczos(
-            op, v0, k=kk, tol=tol, max_iters=max_iters, min_iters=1 if cold else WARM_MIN_ITERS,
-            generator=generator, bound=STOP_BOUND if cold else WARM_STOP_BOUND,
-            num_vectors=kk + 1, max_basis=max(MAX_BASIS, 2 * kk + 4),
+            op,
+            v0,
+            k=kk,
+            tol=tol,
+            max_iters=max_iters,
+            min_iters=1 if cold else WARM_MIN_ITERS,
+            generator=generator,
+            bound=STOP_BOUND if cold else WARM_STOP_BOUND,
+            num_vectors=kk + 1,
+            max_basis=max(MAX_BASIS, 2 * kk + 4),
         )
         if warm is not None and res.finite:
             warm[key] = res.eigenvectors.detach().clone()
@@ -249,7 +286,9 @@ def _estimate(
         results.append(solve(m.operator("raw"), 1))
     if not all(r.finite for r in results):
         return _nan_report(step, k, groups, raw, m, t0, "a Hessian-vector product is not finite")
-    block_reports = {} if blocks is None else _blocks.measure_blocks(m, blocks, watcher, lambda op, key: solve(op, 1, key))
+    block_reports = (
+        {} if blocks is None else _blocks.measure_blocks(m, blocks, watcher, lambda op, key: solve(op, 1, key))
+    )
     eig = tuple(float(x) for x in results[0].eigenvalues)
     pre = eig[0]
     if math.isnan(common):

@@ -17,7 +17,8 @@ the same vector.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,9 +28,7 @@ __all__ = ["ParameterSpace", "is_dtensor", "local_tensor"]
 
 def is_dtensor(t: Any) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2, tensor parallelism)."""
-    return any(
-        c.__name__ == "DTensor" and c.__module__.startswith("torch.distributed") for c in type(t).__mro__
-    )
+    return any(c.__name__ == "DTensor" and c.__module__.startswith("torch.distributed") for c in type(t).__mro__)
 
 
 def local_tensor(p: Tensor) -> Tensor:
@@ -37,7 +36,7 @@ def local_tensor(p: Tensor) -> Tensor:
 
     For a DTensor the result shares storage with ``p``: writing it in place writes ``p``'s shard.
     """
-    return p.to_local() if is_dtensor(p) else p  # type: ignore[attr-defined,no-any-return]
+    return p.to_local() if is_dtensor(p) else p  # type: ignore[attr-defined]
 
 
 def _mesh_of(params: Sequence[Tensor]) -> Any:
@@ -173,7 +172,10 @@ class ParameterSpace:
                 from torch.distributed.tensor import distribute_tensor
 
                 full = distribute_tensor(
-                    full.to(self.device), p.device_mesh, p.placements, src_data_rank=None  # type: ignore[attr-defined]
+                    full.to(self.device),
+                    p.device_mesh,  # type: ignore[attr-defined]
+                    p.placements,  # type: ignore[attr-defined]
+                    src_data_rank=None,
                 ).to_local()
             chunks.append(full.reshape(-1).to(self.device))
         return torch.cat(chunks)

@@ -79,9 +79,7 @@ def nesterov_threshold(lr: float, momentum: float) -> float:
     return _over_lr((2.0 + 2.0 * mu) / (1.0 + 2.0 * mu), _check_lr(lr))
 
 
-def sgd_threshold(
-    lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False
-) -> float:
+def sgd_threshold(lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False) -> float:
     """Threshold of ``torch.optim.SGD`` with its momentum options (P = I).
 
     Dampening d scales the gradient entering the buffer by (1 − d), i.e. the effective step
@@ -116,9 +114,7 @@ def rmsprop_threshold(lr: float, momentum: float = 0.0) -> float:
     return gd_threshold(lr) if mu == 0.0 else heavy_ball_threshold(lr, mu)
 
 
-def adam_threshold(
-    lr: float, beta1: float = 0.9, *, weight_decay: float = 0.0, decoupled: bool = False
-) -> float:
+def adam_threshold(lr: float, beta1: float = 0.9, *, weight_decay: float = 0.0, decoupled: bool = False) -> float:
     """Threshold of Adam/AdamW on P⁻¹H once bias correction has faded.
 
     EMA momentum ``m ← β1·m + (1 − β1)g``; with decoupled weight decay λ (AdamW) the update

@@ -27,7 +27,16 @@ from torch import Tensor
 
 from .linear_operator import LinearOperator
 
-__all__ = ["METHODS", "MeasurementInfo", "TraceEstimate", "TraceReport", "hutch_plus_plus", "hutchinson", "orthonormalize", "rademacher"]
+__all__ = [
+    "METHODS",
+    "MeasurementInfo",
+    "TraceEstimate",
+    "TraceReport",
+    "hutch_plus_plus",
+    "hutchinson",
+    "orthonormalize",
+    "rademacher",
+]
 
 #: what ``method=`` accepts
 METHODS = ("hutch++", "hutchinson")

@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -155,8 +156,14 @@ class Tracker:
 
 
 def track(
-    optimizer: Any, loss_fn: Callable[..., Tensor], tracker: Tracker, *, batches: Iterable[Any] | None = None,
-    hvp: str = "auto", tol: float = 1e-3, key: str = "track",
+    optimizer: Any,
+    loss_fn: Callable[..., Tensor],
+    tracker: Tracker,
+    *,
+    batches: Iterable[Any] | None = None,
+    hvp: str = "auto",
+    tol: float = 1e-3,
+    key: str = "track",
 ) -> Any:
     """One tracking step of ``optimizer``'s λ_max(P⁻¹H) (its ratio operator when the param groups'
     thresholds differ), recorded in ``optimizer.history``'s tracking table. The carried vector
@@ -186,8 +193,18 @@ def track(
     step = optimizer.steps_taken
     optimizer.history.append_track(step, pre, ratio, est.residual, hvps)
     return SharpnessReport(
-        step=step, preconditioned=pre, threshold=common, ratio=ratio, raw=None, eigenvalues=(pre,), hvps=hvps,
-        residual=est.residual, converged=bool(est.residual <= tol), seconds=seconds,
-        thresholds=tuple(float(g.threshold) for g in groups), loss=m.loss,
-        dtype=str(m.space.dtype).replace("torch.", ""), hvp_backend=m.backend,
+        step=step,
+        preconditioned=pre,
+        threshold=common,
+        ratio=ratio,
+        raw=None,
+        eigenvalues=(pre,),
+        hvps=hvps,
+        residual=est.residual,
+        converged=bool(est.residual <= tol),
+        seconds=seconds,
+        thresholds=tuple(float(g.threshold) for g in groups),
+        loss=m.loss,
+        dtype=str(m.space.dtype).replace("torch.", ""),
+        hvp_backend=m.backend,
     )

@@ -11,7 +11,9 @@ from torch import nn
 torch.set_num_threads(1)
 
 
-def make_model(activation: type[nn.Module] = nn.Tanh, dtype: torch.dtype = torch.float64, seed: int = 0, widths=(5, 7, 3)) -> nn.Sequential:
+def make_model(
+    activation: type[nn.Module] = nn.Tanh, dtype: torch.dtype = torch.float64, seed: int = 0, widths=(5, 7, 3)
+) -> nn.Sequential:
     g = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):

@@ -74,8 +74,13 @@ def _special(tmp_path):
     os.link(hard, tmp_path / "other-name.png")
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
-    cases = [(fifo, "a FIFO"), (tmp_path, "a directory"), (hard, "2 hard links"), (loop, "a loop of symbolic links"),
-             (tmp_path / "missing" / "h.png", "does not exist")]
+    cases = [
+        (fifo, "a FIFO"),
+        (tmp_path, "a directory"),
+        (hard, "2 hard links"),
+        (loop, "a loop of symbolic links"),
+        (tmp_path / "missing" / "h.png", "does not exist"),
+    ]
     if os.path.exists("/dev/null") and os.geteuid() == 0:  # as root a replace would succeed
         cases.append(("/dev/null", "a character device"))
     return cases
@@ -126,7 +131,9 @@ def test_a_temporary_of_a_dead_writer_is_removed_and_a_live_ones_kept(tmp_path):
     tag = stableopt._atomic._host_tag()
     stale = tmp_path / f".h.safetensors.{tag}-{dead.pid}-0badc0de.tmp"
     alive = tmp_path / f".h.safetensors.{tag}-1-0badc0de.tmp"  # pid 1 always runs
-    other = tmp_path / f".h.safetensors.{'0' * 6 if tag != '0' * 6 else '1' * 6}-{dead.pid}-0badc0de.tmp"  # another host's
+    other = (
+        tmp_path / f".h.safetensors.{'0' * 6 if tag != '0' * 6 else '1' * 6}-{dead.pid}-0badc0de.tmp"
+    )  # another host's
     for p in (stale, alive, other):
         p.write_bytes(b"partial")
     _opt(2).history.save(path)
@@ -211,8 +218,12 @@ def test_csv_and_plot_never_overwrite_the_input(tmp_path, capsys):
     original = src.read_bytes()
     link = tmp_path / "link.csv"
     link.symlink_to(src)
-    for args in (["--csv", str(src)], ["--plot", str(src)], ["--csv", str(link)],
-                 ["--csv", str(tmp_path / "a.png"), "--plot", str(tmp_path / "a.png")]):
+    for args in (
+        ["--csv", str(src)],
+        ["--plot", str(src)],
+        ["--csv", str(link)],
+        ["--csv", str(tmp_path / "a.png"), "--plot", str(tmp_path / "a.png")],
+    ):
         assert main(["report", str(src), *args]) == 1
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.count("\n") == 1, captured

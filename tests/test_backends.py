@@ -10,11 +10,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from test_sharpness import CONFIGS, _equal, _noisy_model, _reference, _setup, _snapshot, mse
 from torch import nn
 
 import stableopt
 from stableopt.backends import BackendChoice
-from test_sharpness import CONFIGS, _equal, _noisy_model, _reference, _setup, _snapshot, mse
 
 IDS = [f"{c[0]}-{c[1].__name__}-{c[2]}-{c[3]}-groups{2 if c[4] else 1}" for c in CONFIGS]
 
@@ -44,7 +44,9 @@ def test_float32_fd_matches_dense_reference_to_2e3(name, activation, loss, kwarg
 
 
 def test_all_three_backends_agree_on_the_same_state():
-    model, x, loss_of, loss_fn, opt = _setup("AdamW", nn.Tanh, "ce", torch.float64, dict(lr=1e-2, weight_decay=0.3), True)
+    model, x, loss_of, loss_fn, opt = _setup(
+        "AdamW", nn.Tanh, "ce", torch.float64, dict(lr=1e-2, weight_decay=0.3), True
+    )
     reports = {}
     for hvp in ("autograd", "fd", "forward"):
         opt._stableopt_warm.clear()  # the same cold start for each
@@ -155,7 +157,10 @@ def test_fused_sdpa_is_measured_with_fd_and_equals_the_math_kernel():
 
     model = _Attention()
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(3, 5, 8, generator=g, dtype=torch.float64), torch.randn(3, 5, 8, generator=g, dtype=torch.float64)
+    x, y = (
+        torch.randn(3, 5, 8, generator=g, dtype=torch.float64),
+        torch.randn(3, 5, 8, generator=g, dtype=torch.float64),
+    )
     opt = stableopt.Adam(model.parameters(), lr=1e-2)
     loss_fn = lambda: mse(model(x), y)
     for _ in range(3):
@@ -248,10 +253,13 @@ def test_forward_backend_explains_what_it_cannot_differentiate():
         opt.sharpness(lambda: model(x).square().mean(), hvp="forward")
 
 
-@pytest.mark.parametrize("bad,exc,pattern", [
-    ("double", ValueError, r"hvp must be one of \('auto', 'autograd', 'fd', 'forward'\), got 'double'"),
-    (2, TypeError, "hvp must be one of .* got int"),
-])
+@pytest.mark.parametrize(
+    "bad,exc,pattern",
+    [
+        ("double", ValueError, r"hvp must be one of \('auto', 'autograd', 'fd', 'forward'\), got 'double'"),
+        (2, TypeError, "hvp must be one of .* got int"),
+    ],
+)
 def test_bad_hvp_values_are_rejected_everywhere(bad, exc, pattern):
     w = nn.Parameter(torch.ones(2))
     opt = stableopt.SGD([w], lr=0.1)

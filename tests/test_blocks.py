@@ -7,14 +7,14 @@ import re
 
 import pytest
 import torch
+from conftest import dense_hessian
 from rich.console import Console
+from test_sharpness import Bound, _equal, _noisy_model, _setup, _snapshot, mse
 from torch import nn
 
 import stableopt
-from conftest import dense_hessian
 from stableopt.blocks import MAX_STEM, column_stems
 from stableopt.report_estimators import latest_blocks
-from test_sharpness import Bound, _equal, _noisy_model, _setup, _snapshot, mse
 
 
 def _dense(model, x, loss_of, opt):
@@ -22,9 +22,21 @@ def _dense(model, x, loss_of, opt):
     H = dense_hessian(Bound(model, x), loss_of)
     groups = opt.param_groups
     sign = -1.0 if groups[0].get("maximize", False) else 1.0
-    lam = torch.cat([torch.full((p.numel(),), opt.stability_rule.coupled_weight_decay(g), dtype=torch.float64) for g in groups for p in g["params"]])
+    lam = torch.cat(
+        [
+            torch.full((p.numel(),), opt.stability_rule.coupled_weight_decay(g), dtype=torch.float64)
+            for g in groups
+            for p in g["params"]
+        ]
+    )
     P = torch.cat([P.reshape(-1).double() for P in opt.preconditioner()])
-    tau = torch.cat([torch.full((p.numel(),), t, dtype=torch.float64) for g, t in zip(groups, opt.stability_threshold()) for p in g["params"]])
+    tau = torch.cat(
+        [
+            torch.full((p.numel(),), t, dtype=torch.float64)
+            for g, t in zip(groups, opt.stability_threshold())
+            for p in g["params"]
+        ]
+    )
     params = [p for g in groups for p in g["params"]]
     offsets, at = {}, 0
     for p in params:
@@ -139,7 +151,10 @@ def test_block_columns_reach_the_history_file_and_the_report_sorted_by_ratio(tmp
     opt.history.save(path)
     loaded = stableopt.History.load(path)
     for h in (opt.history, loaded):
-        assert h.column("block_0_ratio")[0] == rep.blocks["0"].ratio and h.column("block_2_lmax")[0] == rep.blocks["2"].preconditioned
+        assert (
+            h.column("block_0_ratio")[0] == rep.blocks["0"].ratio
+            and h.column("block_2_lmax")[0] == rep.blocks["2"].preconditioned
+        )
         step, rows = latest_blocks(h)
         assert step == rep.step and [r[0] for r in rows] == sorted(rep.blocks, key=lambda n: -rep.blocks[n].ratio)
     console = Console(record=True, width=120)
@@ -155,7 +170,7 @@ def test_column_stems_are_safe_bounded_and_distinct():
     stems = column_stems(HOSTILE)
     assert len(set(stems.values())) == len(HOSTILE)
     for stem in stems.values():
-        assert re.fullmatch(r"[A-Za-z0-9_]{1,%d}" % MAX_STEM, stem)
+        assert re.fullmatch(rf"[A-Za-z0-9_]{{1,{MAX_STEM}}}", stem)
         assert stableopt.history.BLOCK_COLUMN.match(f"block_{stem}_ratio")
 
 

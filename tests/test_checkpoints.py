@@ -96,7 +96,7 @@ def test_weights_only_checkpoint_resumes_the_same_history():
     x, y = loss_fn.__closure__[-2].cell_contents, loss_fn.__closure__[-1].cell_contents
     loss_fn2 = lambda: ((model2(x) - y) ** 2).mean()  # noqa: E731
     opt2.monitor(loss_fn2)  # takes the saved schedule back
-    for m, o, f in ((model, opt, loss_fn), (model2, opt2, loss_fn2)):
+    for o, f in ((opt, loss_fn), (opt2, loss_fn2)):
         for _ in range(4):
             o.zero_grad()
             f().backward()
@@ -123,27 +123,75 @@ def _tampered():
         return lambda sd: sd["stableopt"]["components"]["history"]["columns"].__setitem__(name, value)
 
     return [
-        ("warm on meta", "dense 2-D floating-point tensor with data", lambda sd: sd["stableopt"]["warm"].__setitem__("preconditioned", meta)),
+        (
+            "warm on meta",
+            "dense 2-D floating-point tensor with data",
+            lambda sd: sd["stableopt"]["warm"].__setitem__("preconditioned", meta),
+        ),
         ("warm NaN", "NaN or infinite", lambda sd: sd["stableopt"]["warm"]["preconditioned"].fill_(math.nan)),
         ("warm 1-D", "2-D", lambda sd: sd["stableopt"]["warm"].__setitem__("raw", torch.ones(3))),
         ("negative step", "step must be a non-negative integer", lambda sd: sd["stableopt"].__setitem__("step", -1)),
         ("float step", "step must be a non-negative integer", lambda sd: sd["stableopt"].__setitem__("step", 2.5)),
         ("unknown field", "unknown fields", lambda sd: sd["stableopt"].__setitem__("evil", 1)),
         ("unknown component", "unknown components", lambda sd: sd["stableopt"]["components"].__setitem__("evil", {})),
-        ("schema -5", "invalid schema -5", lambda sd: sd["stableopt"]["components"]["history"].__setitem__("schema", -5)),
-        ("schema str", "schema must be an int", lambda sd: sd["stableopt"]["components"]["history"].__setitem__("schema", "1")),
+        (
+            "schema -5",
+            "invalid schema -5",
+            lambda sd: sd["stableopt"]["components"]["history"].__setitem__("schema", -5),
+        ),
+        (
+            "schema str",
+            "schema must be an int",
+            lambda sd: sd["stableopt"]["components"]["history"].__setitem__("schema", "1"),
+        ),
         ("ragged column", "rows", history_col("loss", torch.zeros(99, dtype=torch.float64))),
         ("float32 column", "dtype float32", history_col("loss", torch.zeros(2))),
-        ("meta column", "dense tensor with data", history_col("loss", torch.empty(2, dtype=torch.float64, device="meta"))),
-        ("steps back", "not in order", lambda sd: sd["stableopt"]["components"]["history"]["columns"]["step"].copy_(torch.tensor([4, 2]))),
-        ("reasons", "event reasons", lambda sd: sd["stableopt"]["components"]["history"].__setitem__("event_reasons", [])),
-        ("schedule without every", "must hold id, every", lambda sd: sd["stableopt"]["components"]["monitors"]["schedules"][0].pop("every")),
-        ("schedule every 0", "out of range", lambda sd: sd["stableopt"]["components"]["monitors"]["schedules"][0].__setitem__("every", 0)),
-        ("schedule tol str", "tol must be float", lambda sd: sd["stableopt"]["components"]["monitors"]["schedules"][0].__setitem__("tol", "x")),
+        (
+            "meta column",
+            "dense tensor with data",
+            history_col("loss", torch.empty(2, dtype=torch.float64, device="meta")),
+        ),
+        (
+            "steps back",
+            "not in order",
+            lambda sd: sd["stableopt"]["components"]["history"]["columns"]["step"].copy_(torch.tensor([4, 2])),
+        ),
+        (
+            "reasons",
+            "event reasons",
+            lambda sd: sd["stableopt"]["components"]["history"].__setitem__("event_reasons", []),
+        ),
+        (
+            "schedule without every",
+            "must hold id, every",
+            lambda sd: sd["stableopt"]["components"]["monitors"]["schedules"][0].pop("every"),
+        ),
+        (
+            "schedule every 0",
+            "out of range",
+            lambda sd: sd["stableopt"]["components"]["monitors"]["schedules"][0].__setitem__("every", 0),
+        ),
+        (
+            "schedule tol str",
+            "tol must be float",
+            lambda sd: sd["stableopt"]["components"]["monitors"]["schedules"][0].__setitem__("tol", "x"),
+        ),
         ("next_id", "next_id", lambda sd: sd["stableopt"]["components"]["monitors"].__setitem__("next_id", -3)),
-        ("guard factor", "positive finite", lambda sd: sd["stableopt"]["components"]["guard"].__setitem__("factors", [-1.0])),
-        ("guard event", "each event must be", lambda sd: sd["stableopt"]["components"]["guard"]["events"].append((1, 2))),
-        ("guard counter", "non-negative integer", lambda sd: sd["stableopt"]["components"]["guard"].__setitem__("skipped", -1)),
+        (
+            "guard factor",
+            "positive finite",
+            lambda sd: sd["stableopt"]["components"]["guard"].__setitem__("factors", [-1.0]),
+        ),
+        (
+            "guard event",
+            "each event must be",
+            lambda sd: sd["stableopt"]["components"]["guard"]["events"].append((1, 2)),
+        ),
+        (
+            "guard counter",
+            "non-negative integer",
+            lambda sd: sd["stableopt"]["components"]["guard"].__setitem__("skipped", -1),
+        ),
         ("entry not a dict", "expected a dict", lambda sd: sd.__setitem__("stableopt", [1, 2])),
     ]
 

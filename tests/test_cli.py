@@ -6,8 +6,6 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 from stableopt.cli import main
 
 
@@ -22,7 +20,9 @@ def test_demo_prints_the_climb_to_the_edge(capsys):
 def test_console_script_entry_point_and_usage_errors():
     ok = subprocess.run([sys.executable, "-m", "stableopt.cli", "--help"], capture_output=True, text=True)
     assert ok.returncode == 0 and "demo" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "stableopt.cli", "demo", "--steps", "0"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "stableopt.cli", "demo", "--steps", "0"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "expected a positive integer, got 0" in bad.stderr
 
 

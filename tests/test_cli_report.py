@@ -15,8 +15,6 @@ import stableopt
 from stableopt.cli import main
 
 
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     torch.manual_seed(0)
@@ -92,9 +90,17 @@ def test_console_entry_point_exit_codes(saved, tmp_path):
     path, _ = saved
     code = "import sys; from stableopt.cli import main; sys.exit(main())"
     env = dict(os.environ, COLUMNS="100")
-    good = subprocess.run([sys.executable, "-c", code, "report", str(path)], capture_output=True, text=True, env=env, timeout=120)
+    good = subprocess.run(
+        [sys.executable, "-c", code, "report", str(path)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert good.returncode == 0 and "stableopt · Adam" in good.stdout
-    bad = subprocess.run([sys.executable, "-c", code, "report", str(tmp_path / "x.safetensors")], capture_output=True, text=True, env=env, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-c", code, "report", str(tmp_path / "x.safetensors")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "no such file" in bad.stderr
 
 

@@ -8,18 +8,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_blocks import _dense, noisy_adam
+from test_sharpness import _equal, _setup, _snapshot
 from torch import nn
 
 import stableopt
 from stableopt import DenseOperator
 from stableopt.density import lanczos_quadrature
 from stableopt.krylov import tridiagonalize
-from test_blocks import _dense, noisy_adam
-from test_sharpness import _equal, _setup, _snapshot
 
 
 def _state(name="Adam", kw=None, two=True):
-    model, x, loss_of, loss_fn, opt = _setup(name, nn.Tanh, "mse", torch.float64, kw or dict(lr=1e-2, weight_decay=0.1), two)
+    model, x, loss_of, loss_fn, opt = _setup(
+        name, nn.Tanh, "mse", torch.float64, kw or dict(lr=1e-2, weight_decay=0.1), two
+    )
     H, P, tau, offsets = _dense(model, x, loss_of, opt)
     d = P.rsqrt()
     return loss_fn, opt, torch.linalg.eigvalsh(d[:, None] * H * d[None, :]), float((H.diagonal() / P).sum())
@@ -38,7 +40,9 @@ def test_weights_sum_to_one_and_nodes_lie_inside_the_dense_spectrum():
         assert list(nodes) == sorted(nodes)
 
 
-@pytest.mark.parametrize("name,kw", [("Adam", dict(lr=1e-2, weight_decay=1.0)), ("SGD", dict(lr=0.1, weight_decay=0.5))])
+@pytest.mark.parametrize(
+    "name,kw", [("Adam", dict(lr=1e-2, weight_decay=1.0)), ("SGD", dict(lr=0.1, weight_decay=0.5))]
+)
 def test_first_moment_is_the_trace_over_n_within_five_percent(name, kw):
     model, x, loss_of, loss_fn, opt = _setup(name, nn.Tanh, "mse", torch.float64, kw, name == "Adam")
     H, P, tau, offsets = _dense(model, x, loss_of, opt)
@@ -109,7 +113,9 @@ def test_tridiagonalize_satisfies_the_lanczos_relation():
     Q = t.basis
     lhs = A @ Q.T
     rhs = Q.T @ t.matrix() + float(t.betas[-1]) * torch.outer(t.next, torch.eye(8, dtype=torch.float64)[-1])
-    assert torch.allclose(lhs, rhs, atol=1e-10) and torch.allclose(Q @ Q.T, torch.eye(8, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(lhs, rhs, atol=1e-10) and torch.allclose(
+        Q @ Q.T, torch.eye(8, dtype=torch.float64), atol=1e-12
+    )
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         tridiagonalize(op, Q[0], 0)
 

@@ -12,11 +12,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import dense_hessian
+from test_sharpness import Bound, _equal, _noisy_model, _setup, _snapshot, mse
 from torch import nn
 
 import stableopt
-from conftest import dense_hessian
-from test_sharpness import Bound, _equal, _noisy_model, _setup, _snapshot, mse
 
 CONFIGS = [
     ("Adam", nn.Tanh, "mse", dict(lr=1e-2), False),
@@ -42,8 +42,20 @@ def _dense(model, x, loss_of, opt, grad_at=None):
     H = dense_hessian(Bound(model64, x.double()), lambda out: loss_of(out).double())
     groups = opt.param_groups
     sign = -1.0 if groups[0].get("maximize", False) else 1.0
-    lam = torch.cat([torch.full((p.numel(),), opt._coupled_weight_decay(g), dtype=torch.float64) for g in groups for p in g["params"]])
-    tau = torch.cat([torch.full((p.numel(),), t, dtype=torch.float64) for g, t in zip(groups, opt.stability_threshold()) for p in g["params"]])
+    lam = torch.cat(
+        [
+            torch.full((p.numel(),), opt._coupled_weight_decay(g), dtype=torch.float64)
+            for g in groups
+            for p in g["params"]
+        ]
+    )
+    tau = torch.cat(
+        [
+            torch.full((p.numel(),), t, dtype=torch.float64)
+            for g, t in zip(groups, opt.stability_threshold())
+            for p in g["params"]
+        ]
+    )
     P = _flat(opt.preconditioner())
     params = [p for g in groups for p in g["params"]]
     assert [id(p) for p in params] == [id(p) for p in model.parameters()]  # one layout for all
@@ -112,7 +124,9 @@ def test_per_group_thresholds_weight_the_ratio_by_each_groups_share_of_uPu():
 
 
 def test_estimate_directional_sharpness_on_groups_equals_the_optimizer_method():
-    model, x, loss_of, loss_fn, opt = _setup("AdamW", nn.Tanh, "mse", torch.float64, dict(lr=1e-2, weight_decay=0.1), True)
+    model, x, loss_of, loss_fn, opt = _setup(
+        "AdamW", nn.Tanh, "mse", torch.float64, dict(lr=1e-2, weight_decay=0.1), True
+    )
     u = [torch.ones_like(p) for p in model.parameters()]
     a = opt.directional_sharpness(loss_fn, u)
     b = stableopt.estimate_directional_sharpness(loss_fn, opt._sharpness_groups(), u, step=opt.steps_taken)
@@ -242,7 +256,13 @@ def test_monitor_records_directional_columns_every_n_steps_and_they_survive_save
     assert upd["directional"] == pytest.approx([values[t][0] for t in (2, 4, 6)], rel=1e-8)
     assert upd["directional_ratio"] == pytest.approx([values[t][1] for t in (2, 4, 6)], rel=1e-8)
     assert h.directional("gradient")["directional_step"].tolist() == list(range(2, 8))
-    assert set(h.columns("directional")) == {"directional_step", "directional", "directional_ratio", "directional_hvps", "directional_kind"}
+    assert set(h.columns("directional")) == {
+        "directional_step",
+        "directional",
+        "directional_ratio",
+        "directional_hvps",
+        "directional_kind",
+    }
     assert h.column("step").tolist() == [3, 6]  # the λ_max schedule is unchanged
     path = tmp_path / "run.safetensors"
     h.save(path)
@@ -341,7 +361,11 @@ BAD = [
     ([torch.ones(2)], ValueError, r"direction has 1 tensors, expected one per parameter \(2\)"),
     ([torch.ones(2), torch.ones(2)], ValueError, r"direction\[1\] has shape \(2,\), its parameter \(3,\)"),
     ([torch.ones(2), [1.0, 2.0, 3.0]], TypeError, r"direction\[1\] must be a tensor \(or None\), got list"),
-    ([torch.ones(2), torch.ones(3, dtype=torch.long)], TypeError, r"direction\[1\] must be a real floating-point tensor"),
+    (
+        [torch.ones(2), torch.ones(3, dtype=torch.long)],
+        TypeError,
+        r"direction\[1\] must be a real floating-point tensor",
+    ),
     ([torch.ones(2), torch.tensor([1.0, math.nan, 0.0])], ValueError, r"direction\[1\] has non-finite entries"),
 ]
 
@@ -369,7 +393,9 @@ def test_bad_calls_and_options_raise_clear_errors():
         sgd.directional_sharpness(loss_fn, [torch.ones(2)], hvp="exact")
     with pytest.raises(ValueError, match=r"'update' needs the optimizer"):
         stableopt.estimate_directional_sharpness(loss_fn, sgd._sharpness_groups(), "update")
-    with pytest.raises(ValueError, match=r"directional must be one of \('update', 'gradient'\) or None, got 'explicit'"):
+    with pytest.raises(
+        ValueError, match=r"directional must be one of \('update', 'gradient'\) or None, got 'explicit'"
+    ):
         sgd.monitor(loss_fn, directional="explicit")
     with pytest.raises(ValueError, match="directional_every must be a positive integer, got 0"):
         sgd.monitor(loss_fn, directional="update", directional_every=0)

@@ -50,9 +50,20 @@ def _train(model, opt, x, y, steps: int) -> None:
 
 
 def _fields(report) -> tuple:
-    return (report.step, report.preconditioned, report.threshold, report.ratio, report.raw,
-            report.eigenvalues, report.hvps, report.residual, report.converged, report.seconds,
-            report.loss, report.dtype)
+    return (
+        report.step,
+        report.preconditioned,
+        report.threshold,
+        report.ratio,
+        report.raw,
+        report.eigenvalues,
+        report.hvps,
+        report.residual,
+        report.converged,
+        report.seconds,
+        report.loss,
+        report.dtype,
+    )
 
 
 def _worker(rank: int, init_file: str) -> None:
@@ -77,7 +88,7 @@ def _gather(obj):
 def _scenarios(rank: int) -> None:
     assert stableopt.distributed.active()
     x_all, y_all = _data(N_TRAIN * WORLD, seed=1)
-    x, y = x_all[rank * N_TRAIN:(rank + 1) * N_TRAIN], y_all[rank * N_TRAIN:(rank + 1) * N_TRAIN]
+    x, y = x_all[rank * N_TRAIN : (rank + 1) * N_TRAIN], y_all[rank * N_TRAIN : (rank + 1) * N_TRAIN]
 
     # --- DDP training with measurements, and a twin that never measures --------------------
     ddp = DDP(_model())
@@ -110,8 +121,8 @@ def _scenarios(rank: int) -> None:
     # --- uneven shards with batches: ranks weighted by sample count ------------------------
     lo = sum(UNEVEN[:rank])
     xb_all, yb_all = _data(sum(UNEVEN), seed=2)
-    xb, yb = xb_all[lo:lo + UNEVEN[rank]], yb_all[lo:lo + UNEVEN[rank]]
-    batches = [(xb[i:i + 3], yb[i:i + 3]) for i in range(0, len(xb), 3)]
+    xb, yb = xb_all[lo : lo + UNEVEN[rank]], yb_all[lo : lo + UNEVEN[rank]]
+    batches = [(xb[i : i + 3], yb[i : i + 3]) for i in range(0, len(xb), 3)]
     rep_b = opt.sharpness(lambda b: mse(ddp(b[0]), b[1]), batches=batches, raw=True, tol=1e-9)
     reps_b = _gather(_fields(rep_b))
     assert reps_b[0] == reps_b[1]
@@ -139,7 +150,11 @@ def _scenarios(rank: int) -> None:
     # --- directional sharpness: one all-reduced product, the union's value on every rank ------
     directional = opt.directional_sharpness(loss_fn, "gradient")  # .grad: DDP's averaged gradient
     assert _gather((directional.value, directional.ratio, directional.hvps, directional.seconds))[0] == (
-        directional.value, directional.ratio, 1, directional.seconds)
+        directional.value,
+        directional.ratio,
+        1,
+        directional.seconds,
+    )
     with stableopt.distributed.local():
         directional_ref = ref_opt.directional_sharpness(lambda: mse(ddp.module(x_u), y_u), "gradient")
     assert math.isclose(directional.value, directional_ref.value, rel_tol=1e-9)
@@ -217,13 +232,21 @@ def _scenarios(rank: int) -> None:
         _train(g_model, g_opt, x, y, 4)
         for _ in range(3):
             g_opt.sharpness(g_fn)
-        scales = _gather((g_opt.effective_lr(), [(e.step, e.new_factor) for e in g_opt.history.events()]
-                          if hasattr(g_opt, "history") else None))
+        scales = _gather(
+            (
+                g_opt.effective_lr(),
+                [(e.step, e.new_factor) for e in g_opt.history.events()] if hasattr(g_opt, "history") else None,
+            )
+        )
         assert scales[0] == scales[1]
         assert scales[0][1], "the guard was expected to act (ratio far above the edge)"
-        assert all(torch.equal(a, b) for a, b in zip(_gather([p.detach() for p in g_model.parameters()])[0],
-                                                     _gather([p.detach() for p in g_model.parameters()])[1]))
-
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                _gather([p.detach() for p in g_model.parameters()])[0],
+                _gather([p.detach() for p in g_model.parameters()])[1],
+            )
+        )
 
     # --- ranks whose warm starts differ (rank 1 lost its vectors): rank 0's start and its
     # cold/warm stopping rule are used everywhere, so the solves stay in step and agree ---------
@@ -237,10 +260,10 @@ def _scenarios(rank: int) -> None:
     for options in (dict(find_unused_parameters=True), dict(static_graph=True), dict(gradient_as_bucket_view=True)):
         a, b = DDP(_model(), **options), DDP(_model(), **options)
         oa, ob = stableopt.Adam(a.parameters(), lr=0.05), stableopt.Adam(b.parameters(), lr=0.05)
-        for step in range(3):
+        for _ in range(3):
             _train(a, oa, x, y, 1)
             _train(b, ob, x, y, 1)
-            r = oa.sharpness(lambda: mse(a(x), y), tol=1e-6)
+            r = oa.sharpness(lambda a=a: mse(a(x), y), tol=1e-6)
             assert r.converged and math.isfinite(r.ratio), options
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())), options
 

@@ -26,7 +26,11 @@ OUTPUTS = {
     "transformer.py": ["transformer.safetensors", "transformer.png"],
     "gd_vs_adam.py": ["gd_vs_adam_gd.safetensors", "gd_vs_adam_adam.safetensors", "gd_vs_adam.png"],
     "minibatch.py": ["minibatch_25.safetensors", "minibatch_1000.safetensors", "minibatch.png"],
-    "frozen_preconditioner.py": ["frozen_preconditioner_adam.safetensors", "frozen_preconditioner_frozen.safetensors", "frozen_preconditioner.png"],
+    "frozen_preconditioner.py": [
+        "frozen_preconditioner_adam.safetensors",
+        "frozen_preconditioner_frozen.safetensors",
+        "frozen_preconditioner.png",
+    ],
     "guard.py": ["guard_lr0.1.safetensors"],
     "spike_predictor.py": ["spike_predictor.safetensors", "spike_predictor.png"],
     "ddp.py": ["ddp.safetensors"],  # spawns 2 gloo processes itself without torchrun
@@ -36,14 +40,18 @@ OUTPUTS = {
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
     # one BLAS thread: the models are tiny and oversubscribed threads only slow a shared CI box
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
-    return subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(OUTPUTS))
 def test_example_quick_run_holds_its_claim_and_writes_outputs(script, tmp_path):
     done = run(script, "--quick", "--out", str(tmp_path))
-    assert done.returncode == 0, f"{script} --quick exited {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, (
+        f"{script} --quick exited {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    )
     missing = [name for name in OUTPUTS[script] if not (tmp_path / name).is_file()]
     assert not missing, f"{script} did not write {missing}; --out holds {sorted(p.name for p in tmp_path.iterdir())}"
     import stableopt

@@ -18,8 +18,6 @@ import stableopt
 from stableopt.eigen import _BLOCK
 
 
-
-
 def reference_lanczos(A: torch.Tensor, v0: torch.Tensor, steps: int) -> torch.Tensor:
     """Textbook Lanczos with full reorthogonalisation: the Ritz values after ``steps`` steps."""
     n = A.shape[0]
@@ -62,14 +60,24 @@ def test_ritz_values_match_textbook_lanczos_across_basis_blocks(steps):
 
 def test_ritz_vectors_and_residuals_are_consistent():
     A = _symmetric(200, seed=3, top=(5.0, 4.9, 4.0))
-    res = stableopt.lanczos(lambda x: A @ x, n=200, k=2, tol=1e-8, generator=torch.Generator().manual_seed(0),
-                            dtype=torch.float64, max_iters=200, num_vectors=3)
+    res = stableopt.lanczos(
+        lambda x: A @ x,
+        n=200,
+        k=2,
+        tol=1e-8,
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+        max_iters=200,
+        num_vectors=3,
+    )
     assert res.converged and res.eigenvectors.shape == (3, 200)
     V = res.eigenvectors
     assert torch.allclose(V @ V.T, torch.eye(3, dtype=torch.float64), atol=1e-10)
     for i in range(2):
         r = A @ V[i] - res.eigenvalues[i] * V[i]
-        assert float(r.norm()) / abs(float(res.eigenvalues[i])) == pytest.approx(float(res.residuals[i]), rel=1e-4, abs=1e-12)
+        assert float(r.norm()) / abs(float(res.eigenvalues[i])) == pytest.approx(
+            float(res.residuals[i]), rel=1e-4, abs=1e-12
+        )
     assert res.eigenvalues.tolist() == pytest.approx([5.0, 4.9], rel=1e-8)
 
 
@@ -87,7 +95,9 @@ def test_matvec_output_is_never_written_to():
 
     stableopt.lanczos(matvec, n=40, k=1, tol=1e-10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert all(torch.equal(y, copy) for y, copy in outputs)
-    res = stableopt.lanczos(identity_view, n=40, k=1, tol=1e-10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = stableopt.lanczos(
+        identity_view, n=40, k=1, tol=1e-10, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     assert float(res.eigenvalues[0]) == pytest.approx(1.0)
 
 
@@ -102,7 +112,9 @@ def test_nonfinite_products_are_reported_without_a_tensor_check():
             y[5] = math.inf
         return y
 
-    res = stableopt.lanczos(matvec, n=30, k=1, tol=1e-12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = stableopt.lanczos(
+        matvec, n=30, k=1, tol=1e-12, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     assert not res.finite and res.matvecs == 3 and math.isnan(float(res.eigenvalues[0]))
 
 
@@ -158,8 +170,15 @@ def test_warm_started_measurements_along_training_match_dense_reference():
 @pytest.mark.parametrize("bound", ["residual", "gap"])
 def test_both_stopping_rules_reach_the_requested_accuracy_on_a_separated_spectrum(bound):
     A = _symmetric(300, seed=11, top=(4.0, 3.0, 2.0))
-    res = stableopt.lanczos(lambda v: A @ v, n=300, k=1, tol=1e-6, bound=bound,
-                            generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = stableopt.lanczos(
+        lambda v: A @ v,
+        n=300,
+        k=1,
+        tol=1e-6,
+        bound=bound,
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
     assert res.converged and abs(float(res.eigenvalues[0]) - 4.0) / 4.0 <= 1e-6
 
 
@@ -171,7 +190,7 @@ def _crowded(n: int, seed: int, top: tuple[float, ...]) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     evals = torch.linspace(-0.2, 0.85, n, dtype=torch.float64)
-    evals[n - len(top):] = torch.tensor(sorted(top), dtype=torch.float64)
+    evals[n - len(top) :] = torch.tensor(sorted(top), dtype=torch.float64)
     return (U * evals) @ U.T
 
 
@@ -182,8 +201,17 @@ def test_thick_restart_matches_dense_eigvalsh(max_basis, k):
         pytest.skip("max_basis must be >= k + 3")
     A = _crowded(400, seed=max_basis + k, top=(1.0, 0.995, 0.99, 0.97))
     ref = torch.linalg.eigvalsh(A).flip(0)[:k]
-    res = stableopt.lanczos(lambda x: A @ x, n=400, k=k, tol=1e-10, max_iters=400, max_basis=max_basis,
-                            generator=torch.Generator().manual_seed(0), dtype=torch.float64, num_vectors=k + 1)
+    res = stableopt.lanczos(
+        lambda x: A @ x,
+        n=400,
+        k=k,
+        tol=1e-10,
+        max_iters=400,
+        max_basis=max_basis,
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+        num_vectors=k + 1,
+    )
     assert res.converged
     assert res.matvecs > max_basis  # the basis really was restarted
     torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-9, atol=1e-12)
@@ -204,18 +232,28 @@ def test_basis_never_holds_more_than_max_basis_vectors(monkeypatch):
         rows.append(sum(b.shape[0] for b in self.blocks))  # vectors allocated
 
     monkeypatch.setattr(stableopt.eigen._Basis, "append", append)
-    res = stableopt.lanczos(lambda x: A @ x, n=300, tol=1e-8, max_iters=300, max_basis=10,
-                            generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    res = stableopt.lanczos(
+        lambda x: A @ x,
+        n=300,
+        tol=1e-8,
+        max_iters=300,
+        max_basis=10,
+        generator=torch.Generator().manual_seed(1),
+        dtype=torch.float64,
+    )
     assert res.converged and res.matvecs > 10
     assert max(rows) <= 10
     assert float(res.eigenvalues[0]) == pytest.approx(1.0, rel=1e-8)
 
 
-@pytest.mark.parametrize("top", [
-    (1.0, 0.95, 0.93),                # ANCHORS-like gap
-    (1.0, 0.9864, 0.926, 0.898),      # the runner-up close (mlp-quick raw)
-    (1.0, 0.9965, 0.992, 0.985),      # a tight cluster (mlp-gauss preconditioned)
-])
+@pytest.mark.parametrize(
+    "top",
+    [
+        (1.0, 0.95, 0.93),  # ANCHORS-like gap
+        (1.0, 0.9864, 0.926, 0.898),  # the runner-up close (mlp-quick raw)
+        (1.0, 0.9965, 0.992, 0.985),  # a tight cluster (mlp-gauss preconditioned)
+    ],
+)
 @pytest.mark.parametrize("drift", ["perturbed", "top two swapped"])
 def test_gap_rule_meets_its_tolerance_on_warm_starts(top, drift):
     """Warm starts the way estimate_sharpness builds them (top Ritz vector of the previous
@@ -239,12 +277,20 @@ def test_gap_rule_meets_its_tolerance_on_warm_starts(top, drift):
     crossing = drift == "top two swapped" and top[1] > 0.99
     cost = {}
     for seed in range(8):
-        prev = stableopt.lanczos(lambda x: A_prev @ x, n=n, tol=1e-3, num_vectors=2, max_iters=n,
-                                 generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        prev = stableopt.lanczos(
+            lambda x: A_prev @ x,
+            n=n,
+            tol=1e-3,
+            num_vectors=2,
+            max_iters=n,
+            generator=torch.Generator().manual_seed(seed),
+            dtype=torch.float64,
+        )
         v0 = prev.eigenvectors[0] + WARM_MIX * prev.eigenvectors[1]
         for bound in ("gap", "residual"):
-            res = stableopt.lanczos(lambda x: A @ x, v0, tol=1e-3, bound=bound, max_iters=n,
-                                    min_iters=WARM_MIN_ITERS, dtype=torch.float64)
+            res = stableopt.lanczos(
+                lambda x: A @ x, v0, tol=1e-3, bound=bound, max_iters=n, min_iters=WARM_MIN_ITERS, dtype=torch.float64
+            )
             assert res.converged
             err = abs(float(res.eigenvalues[0]) - lam) / lam
             if crossing:

@@ -22,8 +22,6 @@ from torch import nn
 import stableopt
 
 
-
-
 def _setup(dtype=torch.float32):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.1), nn.Linear(8, 2)).to(dtype)
@@ -74,7 +72,10 @@ def _assert_same(before, model, opt):
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(before["grads"], after["grads"]))
     assert all(torch.equal(a, b) for a, b in zip(before["buffers"], after["buffers"]))
     for i, s in before["state"].items():
-        assert all(torch.equal(v, after["state"][i][k]) if isinstance(v, torch.Tensor) else v == after["state"][i][k] for k, v in s.items())
+        assert all(
+            torch.equal(v, after["state"][i][k]) if isinstance(v, torch.Tensor) else v == after["state"][i][k]
+            for k, v in s.items()
+        )
     assert torch.equal(before["rng"][0], after["rng"][0]) and before["rng"][1] == after["rng"][1]
     assert np.array_equal(before["rng"][2], after["rng"][2])
     assert after["training"] == before["training"]

@@ -66,11 +66,16 @@ def _unsharded_twin(model, opt, cls=stableopt.Adam):
     """One process's copy of the model and optimizer, from the full (gathered) tensors."""
     full = {k: v.full_tensor() for k, v in model.state_dict().items()}  # a collective: all ranks
     sd = opt.state_dict()
-    state = {i: {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in s.items()} for i, s in sd["state"].items()}
+    state = {
+        i: {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in s.items()}
+        for i, s in sd["state"].items()
+    }
     ref = _model()
     ref.load_state_dict(full)
     ref_opt = cls(ref.parameters(), lr=1e-2)
-    ref_opt.load_state_dict(copy.deepcopy({"state": state, "param_groups": sd["param_groups"], "stableopt": sd["stableopt"]}))
+    ref_opt.load_state_dict(
+        copy.deepcopy({"state": state, "param_groups": sd["param_groups"], "stableopt": sd["stableopt"]})
+    )
     return ref, ref_opt
 
 
@@ -78,7 +83,7 @@ def _scenarios(rank: int, results: dict) -> None:
     stableopt.distributed.configure(sharded_timeout=30.0)  # a desynchronised test fails fast
     x_all, y_all = _data()
     lo = sum(SAMPLES[:rank])
-    x, y = x_all[lo:lo + SAMPLES[rank]], y_all[lo:lo + SAMPLES[rank]]
+    x, y = x_all[lo : lo + SAMPLES[rank]], y_all[lo : lo + SAMPLES[rank]]
     model = _sharded()
     opt = stableopt.Adam(model.parameters(), lr=1e-2)
     batches = list(zip(torch.tensor_split(x, 2), torch.tensor_split(y, 2)))  # 2 batches each, uneven sizes
@@ -96,16 +101,18 @@ def _scenarios(rank: int, results: dict) -> None:
     assert all(k == k2 and torch.equal(a, b) for (k, a), (k2, b) in zip(state0, _state(opt)))
     with pytest.raises(stableopt.DoubleBackwardError, match="cannot measure sharded"):
         opt.sharpness(batch_loss, batches=batches, hvp="autograd")
-    uneven = [(x[i:i + 2], y[i:i + 2]) for i in range(0, len(x), 2)]  # 2 batches on rank 0, 3 on rank 1
+    uneven = [(x[i : i + 2], y[i : i + 2]) for i in range(0, len(x), 2)]  # 2 batches on rank 0, 3 on rank 1
     with pytest.raises(RuntimeError, match="ranks disagree on number of batches"):
         opt.sharpness(batch_loss, batches=uneven)
 
     # the same measurement in one process, on the unsharded model and the union of the data
     ref, ref_opt = _unsharded_twin(model, opt)
     with stableopt.distributed.local():
-        union = [(x_all[i:i + 2], y_all[i:i + 2]) for i in range(0, len(x_all), 2)]
+        union = [(x_all[i : i + 2], y_all[i : i + 2]) for i in range(0, len(x_all), 2)]
         expected = ref_opt.sharpness(lambda: mse(ref(x_all), y_all), raw=True, k=2, tol=1e-10, hvp="autograd")
-        expected_b = ref_opt.sharpness(lambda b: mse(ref(b[0]), b[1]), batches=union, raw=True, k=2, tol=1e-10, hvp="autograd")
+        expected_b = ref_opt.sharpness(
+            lambda b: mse(ref(b[0]), b[1]), batches=union, raw=True, k=2, tol=1e-10, hvp="autograd"
+        )
     assert expected.preconditioned == pytest.approx(expected_b.preconditioned, rel=1e-9)  # union = full batch
     results["measured"] = (rep.preconditioned, rep.ratio, rep.raw, rep.eigenvalues, rep.loss)
     results["expected"] = (expected.preconditioned, expected.ratio, expected.raw, expected.eigenvalues, expected.loss)
@@ -189,7 +196,7 @@ def test_fsdp2_monitor_records_on_every_rank(fsdp_results):
 
 
 def test_a_failing_rank_makes_every_rank_raise_without_hanging(fsdp_results):
-    for rank, res in enumerate(fsdp_results):
+    for res in fsdp_results:
         message, seconds = res["failure"]
         assert "during a sharded (FSDP2) measurement" in message
         assert seconds < 60.0  # bounded by sharded_timeout (5 s here), not the 30-minute default

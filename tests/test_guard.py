@@ -343,7 +343,15 @@ def test_remove_detaches_and_restores_the_scheduler_lr():
 
 
 # -- off by default: torch's steps -----------------------------------------------------------------
-@pytest.mark.parametrize("name,kwargs", [("Adam", {}), ("AdamW", {"weight_decay": 0.1}), ("RMSprop", {"momentum": 0.9}), ("SGD", {"momentum": 0.9, "nesterov": True})])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("Adam", {}),
+        ("AdamW", {"weight_decay": 0.1}),
+        ("RMSprop", {"momentum": 0.9}),
+        ("SGD", {"momentum": 0.9, "nesterov": True}),
+    ],
+)
 @pytest.mark.parametrize("guard", [None, False, True])
 def test_without_guard_actions_the_steps_are_torchs(name, kwargs, guard):
     def run(cls, **extra):

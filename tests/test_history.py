@@ -17,8 +17,6 @@ import stableopt
 from stableopt.history import FORMAT, MAX_REASON_CHARS, SCHEMA_VERSION, History
 
 
-
-
 def _trained_history(steps=6):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
@@ -26,7 +24,9 @@ def _trained_history(steps=6):
     loss_fn = lambda: ((model(x) - y) ** 2).mean()
     opt = stableopt.AdamW(
         [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.02}],
-        lr=0.01, betas=(0.8, 0.99), weight_decay=0.1,
+        lr=0.01,
+        betas=(0.8, 0.99),
+        weight_decay=0.1,
     )
     opt.monitor(loss_fn, every=2, secant=True)
     opt.monitor(loss_fn, every=3, raw=True, k=3)
@@ -45,8 +45,26 @@ def test_columns_and_accessors():
     assert len(h) == 5  # steps 2, 3, 4, 6, 6
     cols = h.to_dict()
     assert {len(v) for v in cols.values()} == {5}  # pandas-friendly: one length
-    for name in ("step", "loss", "preconditioned", "raw", "threshold", "ratio", "hvps", "seconds", "converged",
-                 "lr_0", "lr_1", "threshold_0", "threshold_1", "eig_0", "eig_1", "eig_2", "elapsed", "monitor"):
+    for name in (
+        "step",
+        "loss",
+        "preconditioned",
+        "raw",
+        "threshold",
+        "ratio",
+        "hvps",
+        "seconds",
+        "converged",
+        "lr_0",
+        "lr_1",
+        "threshold_0",
+        "threshold_1",
+        "eig_0",
+        "eig_1",
+        "eig_2",
+        "elapsed",
+        "monitor",
+    ):
         assert name in cols
     assert cols["step"].dtype == np.int64 and cols["converged"].dtype == np.bool_ and cols["ratio"].dtype == np.float64
     assert cols["lr_1"].tolist() == [0.02] * 5
@@ -67,7 +85,9 @@ def test_new_group_columns_are_backfilled_and_reasons_bounded():
     opt = stableopt.SGD([w], lr=0.1)
     loss_fn = lambda: (w**2).sum() + (v**2).sum()
     v = nn.Parameter(torch.ones(3))
-    opt.zero_grad(); loss_fn().backward(); opt.step()
+    opt.zero_grad()
+    loss_fn().backward()
+    opt.step()
     opt.sharpness(loss_fn)
     opt.add_param_group({"params": [v], "lr": 0.05})
     opt.sharpness(loss_fn)
@@ -151,14 +171,23 @@ def _bad_files(tmp_path):
         (write("truncated.safetensors", data[: len(data) // 2]), "not a readable safetensors file"),
         (write("header-only.safetensors", data[:8]), "not a readable safetensors file"),
         (write("pickle.safetensors", pickle.dumps(_Evil())), "not a readable safetensors file"),
-        (safetensors_file("foreign.safetensors", {"weight": np.ones((2, 3), np.float32)}, None), "not a stableopt history"),
-        (safetensors_file("foreign-meta.safetensors", {"weight": np.ones(3)}, {"format": "pt"}), "not a stableopt history"),
+        (
+            safetensors_file("foreign.safetensors", {"weight": np.ones((2, 3), np.float32)}, None),
+            "not a stableopt history",
+        ),
+        (
+            safetensors_file("foreign-meta.safetensors", {"weight": np.ones(3)}, {"format": "pt"}),
+            "not a stableopt history",
+        ),
         (safetensors_file("newer.safetensors", tensors, newer), f"schema {SCHEMA_VERSION + 1}, newer"),
         (safetensors_file("noschema.safetensors", tensors, {**meta, "schema": "one"}), "without a valid schema"),
         (safetensors_file("2d.safetensors", {**tensors, "loss": np.ones((3, 1))}, meta), "expected a 1-D tensor"),
         (safetensors_file("dtype.safetensors", {**tensors, "step": np.ones(3, np.float32)}, meta), "dtype float32"),
         (safetensors_file("ragged.safetensors", {**tensors, "ratio": np.ones(7)}, meta), "rows"),
-        (safetensors_file("missing-col.safetensors", {k: v for k, v in tensors.items() if k != "ratio"}, meta), "without the column"),
+        (
+            safetensors_file("missing-col.safetensors", {k: v for k, v in tensors.items() if k != "ratio"}, meta),
+            "without the column",
+        ),
         (safetensors_file("unknown-col.safetensors", {**tensors, "weights": np.ones(3)}, meta), "unknown column"),
         (safetensors_file("reasons.safetensors", tensors, dict(meta, event_reasons="[1, 2]")), "event_reasons"),
     ]

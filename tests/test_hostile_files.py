@@ -97,11 +97,29 @@ def _cases(tmp, good):
     raw("length-2^62", "says 4611686018427387904 bytes", struct.pack("<Q", 2**62) + b"{}" * 100)
     declared = {"step": {"dtype": "I64", "shape": [2**28], "data_offsets": [0, 2**31]}}
     raw("declared-2GiB", "declares 2147483648 bytes", _raw(json.dumps(declared).encode(), b"\0" * 4096))
-    raw("nan-offsets", "holds NaN, which is not JSON", _raw(b'{"step":{"dtype":"I64","shape":[1],"data_offsets":[0,NaN]}}', b"\0" * 8))
-    raw("float-offsets", "invalid data_offsets", _raw(b'{"step":{"dtype":"I64","shape":[1],"data_offsets":[0,8.0]}}', b"\0" * 8))
-    raw("overlap", "overlap or leave gaps", _raw(json.dumps({
-        "step": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]},
-        "loss": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}).encode(), b"\0" * 16))
+    raw(
+        "nan-offsets",
+        "holds NaN, which is not JSON",
+        _raw(b'{"step":{"dtype":"I64","shape":[1],"data_offsets":[0,NaN]}}', b"\0" * 8),
+    )
+    raw(
+        "float-offsets",
+        "invalid data_offsets",
+        _raw(b'{"step":{"dtype":"I64","shape":[1],"data_offsets":[0,8.0]}}', b"\0" * 8),
+    )
+    raw(
+        "overlap",
+        "overlap or leave gaps",
+        _raw(
+            json.dumps(
+                {
+                    "step": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]},
+                    "loss": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]},
+                }
+            ).encode(),
+            b"\0" * 16,
+        ),
+    )
     raw("not-utf8", "not UTF-8", _raw(b'{"\xff":1}'))
     # columns of mismatched length, wrong dtype, bad values
     n = len(tensors["step"])
@@ -112,10 +130,22 @@ def _cases(tmp, good):
     st("inf-elapsed", "'elapsed' holds NaN or infinite", tensors={**tensors, "elapsed": np.full(n, np.inf)})
     st("negative-step", "'step' holds values outside", tensors={**tensors, "step": -tensors["step"]})
     st("steps-back", "'step' is not in order", tensors={**tensors, "step": tensors["step"][::-1].copy()})
-    st("secant-back", "'secant_step' is not in order", tensors={**tensors, "secant_step": tensors["secant_step"][::-1].copy()})
+    st(
+        "secant-back",
+        "'secant_step' is not in order",
+        tensors={**tensors, "secant_step": tensors["secant_step"][::-1].copy()},
+    )
     st("hvps-overflow", "'hvps' holds values outside", tensors={**tensors, "hvps": np.full(n, 2**62, np.int64)})
-    st("eig-gap", "eig_2 without eig_1", tensors={**{k: v for k, v in tensors.items() if k != "eig_1"}, "eig_2": tensors["eig_0"]})
-    st("factor-negative", "'event_new_factor' holds values outside", tensors={**tensors, "event_new_factor": -tensors["event_new_factor"]})
+    st(
+        "eig-gap",
+        "eig_2 without eig_1",
+        tensors={**{k: v for k, v in tensors.items() if k != "eig_1"}, "eig_2": tensors["eig_0"]},
+    )
+    st(
+        "factor-negative",
+        "'event_new_factor' holds values outside",
+        tensors={**tensors, "event_new_factor": -tensors["event_new_factor"]},
+    )
     return cases
 
 
@@ -133,7 +163,11 @@ def test_every_hostile_file_is_a_one_line_value_error(tmp_path, good):
         assert len(message) < 1000, name
 
 
-@pytest.mark.parametrize("extra", [[], ["--csv", "out.csv"], ["--plot", "out.png"], ["--csv", "out.csv", "--plot", "out.png"]], ids=["report", "csv", "plot", "both"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--csv", "out.csv"], ["--plot", "out.png"], ["--csv", "out.csv", "--plot", "out.png"]],
+    ids=["report", "csv", "plot", "both"],
+)
 def test_every_hostile_file_exits_1_with_one_line(tmp_path, good, capsys, extra):
     extra = [str(tmp_path / e) if e.startswith("out") else e for e in extra]
     for name, path, problem in _cases(tmp_path, good):
@@ -179,12 +213,19 @@ def test_special_paths_are_refused_without_hanging(tmp_path):
     os.symlink(loop, loop)
     dangling = tmp_path / "dangling.safetensors"
     os.symlink(tmp_path / "nowhere", dangling)
-    cases = [(fifo, "is a FIFO"), (loop, "a loop of symbolic links"), (tmp_path, "is a directory"), (dangling, "no such file")]
+    cases = [
+        (fifo, "is a FIFO"),
+        (loop, "a loop of symbolic links"),
+        (tmp_path, "is a directory"),
+        (dangling, "no such file"),
+    ]
     if os.path.exists("/dev/zero"):
         cases.append(("/dev/zero", "is a device"))
     for path, problem in cases:
         result = {}
-        worker = threading.Thread(target=lambda: result.update(error=_error_of(path)), daemon=True)
+        worker = threading.Thread(
+            target=lambda result=result, path=path: result.update(error=_error_of(path)), daemon=True
+        )
         worker.start()
         worker.join(timeout=30)
         assert not worker.is_alive(), f"History.load({path}) hangs"
@@ -236,7 +277,9 @@ def test_allowed_strings_are_shown_literally(tmp_path, good, capsys, monkeypatch
     assert main(["report", str(path), "--csv", str(csv_path)]) == 0
     out = capsys.readouterr().out
     assert not CONTROL.search(out)
-    assert "[blink red]PWNED[/] \\x1b[2J\\x1b]0;title\\x07 [link=file:///etc/passwd]click[/link]" in out.replace("\n", "")
+    assert "[blink red]PWNED[/] \\x1b[2J\\x1b]0;title\\x07 [link=file:///etc/passwd]click[/link]" in out.replace(
+        "\n", ""
+    )
     assert "[red]run\\x1b[2J.safetensors" in out and "out\\x07.csv" in out
     # the same reason through the live optimizer's report and a state dict
     from rich.console import Console
@@ -256,7 +299,9 @@ def test_terminal_output_has_only_colour_codes(tmp_path):
     path = tmp_path / "run.safetensors"
     opt.history.save(path)
     env = dict(os.environ, FORCE_COLOR="1", COLUMNS="120", TERM="xterm-256color")
-    run = subprocess.run([sys.executable, "-m", "stableopt.cli", "report", str(path)], capture_output=True, env=env, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "stableopt.cli", "report", str(path)], capture_output=True, env=env, timeout=120
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     out = run.stdout.decode()
     assert "\x1b[" in out  # colours are on
@@ -267,8 +312,11 @@ def test_terminal_output_has_only_colour_codes(tmp_path):
 def test_extreme_but_valid_values_render(tmp_path, good, capsys):
     tensors, meta = good
     n = len(tensors["ratio"])
-    extreme = {**tensors, "ratio": np.array([1e308, -1e308, np.inf, -np.inf, np.nan][:n] + [1.0] * max(0, n - 5)),
-               "raw": np.array([-1e308, 1e308, 5e-324][:n] + [1.0] * max(0, n - 3))}
+    extreme = {
+        **tensors,
+        "ratio": np.array([1e308, -1e308, np.inf, -np.inf, np.nan][:n] + [1.0] * max(0, n - 5)),
+        "raw": np.array([-1e308, 1e308, 5e-324][:n] + [1.0] * max(0, n - 3)),
+    }
     path = tmp_path / "extreme.safetensors"
     save_file(extreme, str(path), metadata=meta)
     history = History.load(path)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import dense_hessian, make_data, make_model
 from torch import nn
 
-from conftest import dense_hessian, make_data, make_model
 from stableopt.hvp import batch_size, hessian_vector_product, make_hvp
 
 
@@ -59,7 +59,9 @@ def test_nothing_is_written_to_grad_and_unused_params_get_zeros():
     w = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
     unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
     w.grad = torch.tensor([7.0, 7.0], dtype=torch.float64)
-    out = hessian_vector_product(lambda: (w**3).sum(), [w, unused], [torch.ones(2, dtype=torch.float64), torch.ones(3, dtype=torch.float64)])
+    out = hessian_vector_product(
+        lambda: (w**3).sum(), [w, unused], [torch.ones(2, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    )
     torch.testing.assert_close(out[0], torch.tensor([6.0, 12.0], dtype=torch.float64))
     assert torch.equal(out[1], torch.zeros(3, dtype=torch.float64))
     assert torch.equal(w.grad, torch.tensor([7.0, 7.0], dtype=torch.float64)) and unused.grad is None

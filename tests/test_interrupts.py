@@ -77,7 +77,9 @@ class Boom(Exception):
 
 def _bf16_setup():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 2)).to(torch.bfloat16)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 2)).to(
+        torch.bfloat16
+    )
     x, y = torch.randn(16, 4, dtype=torch.bfloat16), torch.randn(16, 2, dtype=torch.bfloat16)
     opt = stableopt.Adam(model.parameters(), lr=1e-2, eps=1e-3)
     opt.zero_grad()
@@ -160,9 +162,23 @@ def test_interrupts_anywhere_in_setup_and_restore_leave_nothing_behind(second):
 
 
 def _row(i):
-    return {"step": i, "loss": 0.5 / (i + 1), "preconditioned": 2.0, "raw": np.nan, "threshold": 4.0, "ratio": 0.5,
-            "residual": 1e-4, "hvps": 7, "seconds": 0.01, "converged": True, "monitor": -1, "elapsed": float(i),
-            "eig_0": 2.0, "eig_1": 1.0 * i, "lr_0": 0.1}
+    return {
+        "step": i,
+        "loss": 0.5 / (i + 1),
+        "preconditioned": 2.0,
+        "raw": np.nan,
+        "threshold": 4.0,
+        "ratio": 0.5,
+        "residual": 1e-4,
+        "hvps": 7,
+        "seconds": 0.01,
+        "converged": True,
+        "monitor": -1,
+        "elapsed": float(i),
+        "eig_0": 2.0,
+        "eig_1": 1.0 * i,
+        "lr_0": 0.1,
+    }
 
 
 def test_an_interrupted_append_adds_a_whole_row_or_none(tmp_path):
@@ -171,14 +187,14 @@ def test_an_interrupted_append_adds_a_whole_row_or_none(tmp_path):
         probe = History()
         probe._append("measurements", _row(0))
         counter = Injector(files)
-        counter.run(lambda: probe._append("measurements", _row(1)))
+        counter.run(lambda probe=probe: probe._append("measurements", _row(1)))
     rng = random.Random(SEED)
     for at in sorted(rng.sample(range(1, counter.count + 1), min(counter.count, 120))):
         h = History()
         h._append("measurements", _row(0))
         injector = Injector(files, at)
         try:
-            injector.run(lambda: h._append("measurements", _row(1)))
+            injector.run(lambda h=h: h._append("measurements", _row(1)))
         except KeyboardInterrupt:
             pass
         assert injector.fired
@@ -206,7 +222,7 @@ def test_an_interrupted_history_load_state_dict_is_all_old_or_all_new():
         h = History()
         h.load_state_dict(old.state_dict())
         try:
-            Injector(files, at).run(lambda: h.load_state_dict(state))
+            Injector(files, at).run(lambda h=h: h.load_state_dict(state))
         except KeyboardInterrupt:
             pass
         steps = h.column("step").tolist()

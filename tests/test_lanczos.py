@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import stableopt
-
 from stableopt.eigen import lanczos
 
 
@@ -19,8 +18,12 @@ def _matrix(eigenvalues, seed=0):
 
 SPECTRA = {
     "positive definite": torch.linspace(0.01, 10.0, 200),
-    "indefinite, largest magnitude negative": torch.cat([torch.linspace(-30.0, -1.0, 100), torch.linspace(0.0, 5.0, 100)]),
-    "clustered top (λ2/λ1 = 0.999)": torch.cat([torch.tensor([10.0, 9.99, 9.98]), torch.rand(197, generator=torch.Generator().manual_seed(3)) * 9]),
+    "indefinite, largest magnitude negative": torch.cat(
+        [torch.linspace(-30.0, -1.0, 100), torch.linspace(0.0, 5.0, 100)]
+    ),
+    "clustered top (λ2/λ1 = 0.999)": torch.cat(
+        [torch.tensor([10.0, 9.99, 9.98]), torch.rand(197, generator=torch.Generator().manual_seed(3)) * 9]
+    ),
     "negative definite": -torch.linspace(1.0, 4.0, 150),
 }
 
@@ -30,7 +33,15 @@ SPECTRA = {
 def test_lanczos_matches_eigvalsh(name, k):
     A = _matrix(SPECTRA[name])
     ref = torch.linalg.eigvalsh(A).flip(0)[:k]
-    res = lanczos(lambda x: A @ x, n=A.shape[0], k=k, tol=1e-10, max_iters=A.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    res = lanczos(
+        lambda x: A @ x,
+        n=A.shape[0],
+        k=k,
+        tol=1e-10,
+        max_iters=A.shape[0],
+        generator=torch.Generator().manual_seed(1),
+        dtype=torch.float64,
+    )
     assert res.converged
     torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-9, atol=1e-9)
     # the largest *algebraic* eigenvalue, not the largest in magnitude
@@ -45,7 +56,9 @@ def test_lanczos_matches_eigvalsh(name, k):
 def test_stopping_rules_deliver_relative_accuracy(tol, bound):
     A = _matrix(SPECTRA["positive definite"], seed=4)
     lam = float(torch.linalg.eigvalsh(A)[-1])
-    res = lanczos(lambda x: A @ x, n=200, tol=tol, generator=torch.Generator().manual_seed(2), dtype=torch.float64, bound=bound)
+    res = lanczos(
+        lambda x: A @ x, n=200, tol=tol, generator=torch.Generator().manual_seed(2), dtype=torch.float64, bound=bound
+    )
     assert res.converged
     if bound == "residual":  # the rigorous bound itself
         assert res.residuals[0] <= tol
@@ -60,7 +73,14 @@ def test_converges_with_more_iterations():
     lam = float(torch.linalg.eigvalsh(A)[-1])
     errors = []
     for iters in (5, 15, 40):
-        res = lanczos(lambda x: A @ x, n=200, tol=1e-14, max_iters=iters, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        res = lanczos(
+            lambda x: A @ x,
+            n=200,
+            tol=1e-14,
+            max_iters=iters,
+            generator=torch.Generator().manual_seed(0),
+            dtype=torch.float64,
+        )
         assert res.matvecs == iters and not res.converged
         errors.append(abs(float(res.eigenvalues[0]) - lam))
     assert errors[0] > errors[1] > errors[2]
@@ -75,8 +95,16 @@ def test_warm_start_needs_fewer_matvecs_on_a_slowly_changing_matrix():
         A = base + 0.01 * t * E
         ref = float(torch.linalg.eigvalsh(A)[-1])
         gen = torch.Generator().manual_seed(t)
-        cold = lanczos(lambda x: A @ x, n=300, tol=1e-6, generator=gen, dtype=torch.float64)
-        warm = lanczos(lambda x: A @ x, prev if prev is not None else None, n=300, tol=1e-6, generator=gen, dtype=torch.float64, min_iters=2)
+        cold = lanczos(lambda x, A=A: A @ x, n=300, tol=1e-6, generator=gen, dtype=torch.float64)
+        warm = lanczos(
+            lambda x, A=A: A @ x,
+            prev if prev is not None else None,
+            n=300,
+            tol=1e-6,
+            generator=gen,
+            dtype=torch.float64,
+            min_iters=2,
+        )
         prev = warm.eigenvectors[0]
         assert abs(float(warm.eigenvalues[0]) - ref) <= 1e-6 * abs(ref)
         assert abs(float(cold.eigenvalues[0]) - ref) <= 1e-6 * abs(ref)
@@ -114,7 +142,11 @@ def test_start_vector_comes_from_the_generator_not_the_global_rng():
         (dict(n=3, k=0, generator=torch.Generator()), ValueError, "k must be a positive integer, got 0"),
         (dict(n=3, tol=0.0, generator=torch.Generator()), ValueError, r"tol must be a number in \(0, 1\), got 0.0"),
         (dict(n=3, bound="abs", generator=torch.Generator()), ValueError, "bound must be 'residual' or 'gap'"),
-        (dict(n=3, k=2, max_basis=4, generator=torch.Generator()), ValueError, r"max_basis must be an integer >= k \+ 3 = 5, got 4"),
+        (
+            dict(n=3, k=2, max_basis=4, generator=torch.Generator()),
+            ValueError,
+            r"max_basis must be an integer >= k \+ 3 = 5, got 4",
+        ),
         (dict(n=3, max_basis=8.0, generator=torch.Generator()), ValueError, "max_basis must be an integer"),
         (dict(n=3, max_basis=True, generator=torch.Generator()), ValueError, "max_basis must be an integer"),
         (dict(v0=torch.zeros(2, 2)), ValueError, "v0 must be a 1-D tensor"),
@@ -132,7 +164,15 @@ def test_full_reorthogonalisation_prevents_ghost_copies_of_a_converged_eigenvalu
     spectrum = torch.cat([torch.tensor([100.0]), torch.linspace(0.0, 10.0, 299)])
     A = _matrix(spectrum, seed=8)
     ref = torch.linalg.eigvalsh(A).flip(0)[:4]
-    res = lanczos(lambda x: A @ x, n=300, k=4, tol=1e-12, max_iters=150, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = lanczos(
+        lambda x: A @ x,
+        n=300,
+        k=4,
+        tol=1e-12,
+        max_iters=150,
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-8, atol=1e-8)
     gram = res.eigenvectors @ res.eigenvectors.T
     torch.testing.assert_close(gram, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-8)

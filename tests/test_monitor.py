@@ -13,8 +13,6 @@ from torch import nn
 import stableopt
 
 
-
-
 def _setup(opt_cls=stableopt.Adam, seed=0, **kwargs):
     g = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 6, dtype=torch.float64), nn.Tanh(), nn.Linear(6, 2, dtype=torch.float64))
@@ -70,7 +68,16 @@ def test_two_monitors_coexist_and_manual_calls_are_recorded():
     manual = opt.sharpness(loss_fn)
     h = opt.history
     assert h.column("step").tolist() == [2, 4, 5, 6, 8, 10, 10, 10]
-    assert h.column("monitor").tolist() == [cheap.id, cheap.id, rich_one.id, cheap.id, cheap.id, cheap.id, rich_one.id, -1]
+    assert h.column("monitor").tolist() == [
+        cheap.id,
+        cheap.id,
+        rich_one.id,
+        cheap.id,
+        cheap.id,
+        cheap.id,
+        rich_one.id,
+        -1,
+    ]
     raw = h.column("raw")
     assert [math.isfinite(r) for r in raw] == [False, False, True, False, False, False, True, False]
     eig1 = h.column("eig_1")
@@ -108,7 +115,7 @@ def test_secant_is_the_rayleigh_quotient_on_a_quadratic():
     for opt_cls, lr in ((stableopt.SGD, 0.1), (stableopt.Adam, 0.05)):
         w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
         opt = opt_cls([w], lr=lr)
-        loss_fn = lambda: 0.5 * w @ A @ w
+        loss_fn = lambda w=w: 0.5 * w @ A @ w
         opt.monitor(loss_fn, every=1000, secant=True)
         expected = []
         for _ in range(6):
@@ -193,7 +200,9 @@ def test_state_dict_round_trip_continues_history_and_schedule():
     _train(opt, loss_fn, 5)
     assert opt2.history.column("step").tolist() == [2, 4, 6, 8, 10]
     for name in ("step", "preconditioned", "raw", "ratio", "loss"):
-        assert opt2.history.column(name).tolist() == pytest.approx(opt.history.column(name).tolist(), rel=1e-9, nan_ok=True)
+        assert opt2.history.column(name).tolist() == pytest.approx(
+            opt.history.column(name).tolist(), rel=1e-9, nan_ok=True
+        )
 
 
 def test_a_torch_state_dict_loads_with_an_empty_history():

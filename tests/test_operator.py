@@ -5,28 +5,42 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import dense_hessian
+from test_sharpness import Bound, _setup, mse
 from torch import nn
 
 import stableopt
-from test_sharpness import Bound, _setup, mse
-from conftest import dense_hessian
 
 
 def _dense_operators(model, x, loss_of, opt):
     H = dense_hessian(Bound(model, x), loss_of)
     groups = opt.param_groups
     sign = -1.0 if groups[0].get("maximize", False) else 1.0
-    lam = torch.cat([torch.full((p.numel(),), opt.stability_rule.coupled_weight_decay(g), dtype=torch.float64) for g in groups for p in g["params"]])
+    lam = torch.cat(
+        [
+            torch.full((p.numel(),), opt.stability_rule.coupled_weight_decay(g), dtype=torch.float64)
+            for g in groups
+            for p in g["params"]
+        ]
+    )
     H = sign * H + torch.diag(lam)
     P = torch.cat([P.reshape(-1) for P in opt.preconditioner()])
-    tau = torch.cat([torch.full((p.numel(),), t, dtype=torch.float64) for g, t in zip(groups, opt.stability_threshold()) for p in g["params"]])
+    tau = torch.cat(
+        [
+            torch.full((p.numel(),), t, dtype=torch.float64)
+            for g, t in zip(groups, opt.stability_threshold())
+            for p in g["params"]
+        ]
+    )
     scale = {"preconditioned": P.rsqrt(), "ratio": (tau * P).rsqrt(), "raw": torch.ones_like(P)}
     return {kind: d[:, None] * H * d[None, :] for kind, d in scale.items()}
 
 
 @pytest.mark.parametrize("hvp", ["autograd", "fd", "forward"])
 def test_each_operator_is_its_dense_matrix(hvp):
-    model, x, loss_of, loss_fn, opt = _setup("Adam", nn.Tanh, "ce", torch.float64, dict(lr=1e-2, weight_decay=0.2), True)
+    model, x, loss_of, loss_fn, opt = _setup(
+        "Adam", nn.Tanh, "ce", torch.float64, dict(lr=1e-2, weight_decay=0.2), True
+    )
     dense = _dense_operators(model, x, loss_of, opt)
     g = torch.Generator().manual_seed(0)
     with opt.measure(loss_fn, hvp=hvp) as m:
@@ -44,7 +58,9 @@ def test_each_operator_is_its_dense_matrix(hvp):
 
 
 def test_lanczos_on_an_operator_equals_lanczos_on_its_plain_matvec():
-    model, x, loss_of, loss_fn, opt = _setup("RMSprop", nn.ReLU, "mse", torch.float64, dict(lr=1e-3, momentum=0.5), False)
+    model, x, loss_of, loss_fn, opt = _setup(
+        "RMSprop", nn.ReLU, "mse", torch.float64, dict(lr=1e-3, momentum=0.5), False
+    )
     A = _dense_operators(model, x, loss_of, opt)["preconditioned"]
     with opt.measure(loss_fn) as m:
         op = m.operator("preconditioned")
@@ -60,7 +76,9 @@ def test_lanczos_on_an_operator_equals_lanczos_on_its_plain_matvec():
 def test_measure_from_groups_is_the_public_seam():
     w = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
     H = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
-    group = stableopt.MeasuredGroup([w], [torch.tensor([4.0, 1.0], dtype=torch.float64)], threshold=2.0, sign=-1.0, weight_decay=0.5)
+    group = stableopt.MeasuredGroup(
+        [w], [torch.tensor([4.0, 1.0], dtype=torch.float64)], threshold=2.0, sign=-1.0, weight_decay=0.5
+    )
     with stableopt.measure(lambda: -0.5 * w @ H @ w, [group], hvp="autograd") as m:  # maximize: −(−H) = H
         op = m.operator("preconditioned")
         x = torch.tensor([1.0, 0.0], dtype=torch.float64)
@@ -89,5 +107,7 @@ def test_unknown_operator_kind_lists_the_kinds():
     w = nn.Parameter(torch.ones(2))
     opt = stableopt.SGD([w], lr=0.1)
     with opt.measure(lambda: (w**2).sum()) as m:
-        with pytest.raises(ValueError, match=r"kind must be one of \('preconditioned', 'ratio', 'raw'\), got 'hessian'"):
+        with pytest.raises(
+            ValueError, match=r"kind must be one of \('preconditioned', 'ratio', 'raw'\), got 'hessian'"
+        ):
             m.operator("hessian")

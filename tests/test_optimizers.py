@@ -95,7 +95,15 @@ def test_subclass_and_signature(name):
     assert inspect.signature(ours).replace(parameters=params[:-1]) == inspect.signature(theirs)
 
 
-@pytest.mark.parametrize("name,kwargs", [("Adam", {"amsgrad": True}), ("AdamW", {}), ("RMSprop", {"momentum": 0.9, "centered": True}), ("SGD", {"momentum": 0.9})])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("Adam", {"amsgrad": True}),
+        ("AdamW", {}),
+        ("RMSprop", {"momentum": 0.9, "centered": True}),
+        ("SGD", {"momentum": 0.9}),
+    ],
+)
 def test_state_dict_interchangeable(name, kwargs):
     ours_cls, torch_cls = getattr(stableopt, name), getattr(torch.optim, name)
     m1, o1 = _train(ours_cls, kwargs, steps=7)
@@ -194,7 +202,9 @@ def test_stability_threshold_per_group_matches_table():
     p, q = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
     groups = lambda: [{"params": [p]}, {"params": [q], "lr": 0.1}]
     assert stableopt.Adam(groups(), lr=1e-3).stability_threshold() == pytest.approx([38 / 1e-3, 38 / 0.1])
-    assert stableopt.Adam(groups(), lr=1e-3, betas=(0.99, 0.999)).stability_threshold() == pytest.approx([398 / 1e-3, 398 / 0.1])
+    assert stableopt.Adam(groups(), lr=1e-3, betas=(0.99, 0.999)).stability_threshold() == pytest.approx(
+        [398 / 1e-3, 398 / 0.1]
+    )
     assert stableopt.AdamW(groups(), lr=1e-3, weight_decay=0.5).stability_threshold() == pytest.approx(
         [1.9 * (2 - 5e-4) / (0.1 * 1e-3), 1.9 * (2 - 0.05) / (0.1 * 0.1)]
     )
@@ -203,5 +213,9 @@ def test_stability_threshold_per_group_matches_table():
     assert stableopt.RMSprop(groups(), lr=1e-2).stability_threshold() == pytest.approx([200, 20])
     assert stableopt.RMSprop(groups(), lr=1e-2, momentum=0.9).stability_threshold() == pytest.approx([380, 38])
     assert stableopt.SGD(groups(), lr=0.5).stability_threshold() == pytest.approx([4, 20])
-    assert stableopt.SGD(groups(), lr=0.5, momentum=0.9, nesterov=True).stability_threshold() == pytest.approx([3.8 / 2.8 / 0.5, 3.8 / 2.8 / 0.1])
-    assert stableopt.SGD(groups(), lr=0.5, momentum=0.9, dampening=0.5).stability_threshold() == pytest.approx([3.8 / 0.25, 3.8 / 0.05])
+    assert stableopt.SGD(groups(), lr=0.5, momentum=0.9, nesterov=True).stability_threshold() == pytest.approx(
+        [3.8 / 2.8 / 0.5, 3.8 / 2.8 / 0.1]
+    )
+    assert stableopt.SGD(groups(), lr=0.5, momentum=0.9, dampening=0.5).stability_threshold() == pytest.approx(
+        [3.8 / 0.25, 3.8 / 0.05]
+    )

@@ -20,8 +20,6 @@ from torch import nn
 import stableopt
 
 
-
-
 def _mlp(dtype, *extra: nn.Module) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), *extra, nn.Tanh(), nn.Linear(8, 2)).to(dtype)
@@ -61,7 +59,9 @@ def test_half_precision_parameters_are_measured_in_float32(dtype):
     xs, ys = x.to(dtype), y.to(dtype)
     loss_fn = lambda: mse(model(xs), ys)  # noqa: E731 - half-precision inputs, as in training
     for m, o in ((model, opt), (twin, opt_twin)):
-        o.zero_grad(); mse(m(xs), ys).backward(); o.step()  # noqa: E702
+        o.zero_grad()
+        mse(m(xs), ys).backward()
+        o.step()  # noqa: E702
     params = [p.detach().clone() for p in model.parameters()]
     grads = [p.grad.clone() for p in model.parameters()]
 
@@ -81,7 +81,9 @@ def test_half_precision_parameters_are_measured_in_float32(dtype):
     assert math.isclose(rep.raw, lam, rel_tol=1e-4), (rep.raw, lam)
     # training goes on exactly as in the twin that never measured
     for m, o in ((model, opt), (twin, opt_twin)):
-        o.zero_grad(); mse(m(xs), ys).backward(); o.step()  # noqa: E702
+        o.zero_grad()
+        mse(m(xs), ys).backward()
+        o.step()  # noqa: E702
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
 
 
@@ -127,7 +129,9 @@ def test_batchnorm_uses_the_current_mode_and_restores_buffers(train):
     model = _mlp(torch.float64, nn.BatchNorm1d(8))
     opt = stableopt.SGD(model.parameters(), lr=0.01)
     for _ in range(3):  # move the running statistics away from their initial values
-        opt.zero_grad(); mse(model(x), y).backward(); opt.step()  # noqa: E702
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        opt.step()  # noqa: E702
     model.train(train)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
 

@@ -94,16 +94,35 @@ def trace(draw):
     rows = draw(st.integers(0, 12))
     reports = []
     for step in sorted(draw(st.lists(st.integers(0, 10**9), min_size=rows, max_size=rows))):
-        reports.append(SharpnessReport(
-            step=step, preconditioned=draw(finite_or_not), threshold=draw(finite_or_not),
-            ratio=draw(finite_or_not), raw=draw(st.none() | finite_or_not),
-            eigenvalues=tuple(draw(finite_or_not) for _ in range(k)), hvps=draw(st.integers(0, 10**6)),
-            residual=draw(finite_or_not), converged=draw(st.booleans()), seconds=draw(times),
-            thresholds=tuple(draw(finite_or_not) for _ in range(groups)), loss=draw(finite_or_not),
-        ))
-    events = draw(st.lists(st.tuples(
-        st.integers(0, 10**9), st.integers(0, groups - 1), factors, factors, finite, st.text(max_size=40),
-    ), max_size=5))
+        reports.append(
+            SharpnessReport(
+                step=step,
+                preconditioned=draw(finite_or_not),
+                threshold=draw(finite_or_not),
+                ratio=draw(finite_or_not),
+                raw=draw(st.none() | finite_or_not),
+                eigenvalues=tuple(draw(finite_or_not) for _ in range(k)),
+                hvps=draw(st.integers(0, 10**6)),
+                residual=draw(finite_or_not),
+                converged=draw(st.booleans()),
+                seconds=draw(times),
+                thresholds=tuple(draw(finite_or_not) for _ in range(groups)),
+                loss=draw(finite_or_not),
+            )
+        )
+    events = draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, 10**9),
+                st.integers(0, groups - 1),
+                factors,
+                factors,
+                finite,
+                st.text(max_size=40),
+            ),
+            max_size=5,
+        )
+    )
     return reports, sorted(events, key=lambda e: e[0])  # guard events come in step order
 
 
@@ -161,9 +180,23 @@ def test_history_load_of_random_bytes_raises_value_error_only(data):
 
 @pytest.fixture(scope="module")
 def valid_file_bytes():
-    reports = [SharpnessReport(step=i, preconditioned=1.0 + i, threshold=2.0, ratio=0.5, raw=None,
-                               eigenvalues=(1.0 + i,), hvps=3, residual=1e-4, converged=True, seconds=0.1,
-                               thresholds=(2.0,), loss=0.25) for i in range(3)]
+    reports = [
+        SharpnessReport(
+            step=i,
+            preconditioned=1.0 + i,
+            threshold=2.0,
+            ratio=0.5,
+            raw=None,
+            eigenvalues=(1.0 + i,),
+            hvps=3,
+            residual=1e-4,
+            converged=True,
+            seconds=0.1,
+            thresholds=(2.0,),
+            loss=0.25,
+        )
+        for i in range(3)
+    ]
     history = _history_from(reports, [(1, 0, 1.0, 0.5, 1.2, "ratio above trigger")])
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "h.safetensors")

@@ -27,9 +27,18 @@ def _report(step, ratio, raw=None, seconds=0.5, hvps=12, k=1):
     tau = 38_000.0
     pre = ratio * tau
     return SharpnessReport(
-        step=step, preconditioned=pre, threshold=tau, ratio=ratio, raw=raw,
-        eigenvalues=tuple(pre * (1 - 0.01 * i) for i in range(k)), hvps=hvps, residual=1e-4,
-        converged=True, seconds=seconds, thresholds=(tau, tau / 2), loss=0.25 / step,
+        step=step,
+        preconditioned=pre,
+        threshold=tau,
+        ratio=ratio,
+        raw=raw,
+        eigenvalues=tuple(pre * (1 - 0.01 * i) for i in range(k)),
+        hvps=hvps,
+        residual=1e-4,
+        converged=True,
+        seconds=seconds,
+        thresholds=(tau, tau / 2),
+        loss=0.25 / step,
     )
 
 

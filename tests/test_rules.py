@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import dense_hessian, make_data, make_model
+from test_sharpness import Bound
 from torch import nn
 
 import stableopt
 from stableopt import rules, thresholds
-from conftest import dense_hessian, make_data, make_model
-from test_sharpness import Bound
 
 
 def test_each_optimizer_names_its_torch_class_and_rule():
@@ -27,11 +27,17 @@ def test_each_optimizer_names_its_torch_class_and_rule():
         assert cls.torch_class is torch_cls and cls.stability_rule == rule
 
 
-@pytest.mark.parametrize("group,lr,expected", [
-    ({"betas": (0.9, 0.999), "weight_decay": 0.0}, 1e-3, thresholds.adam_threshold(1e-3, 0.9)),
-    ({"betas": (0.8, 0.999), "weight_decay": 0.1, "decoupled_weight_decay": True}, 1e-2,
-     thresholds.adam_threshold(1e-2, 0.8, weight_decay=0.1, decoupled=True)),
-])
+@pytest.mark.parametrize(
+    "group,lr,expected",
+    [
+        ({"betas": (0.9, 0.999), "weight_decay": 0.0}, 1e-3, thresholds.adam_threshold(1e-3, 0.9)),
+        (
+            {"betas": (0.8, 0.999), "weight_decay": 0.1, "decoupled_weight_decay": True},
+            1e-2,
+            thresholds.adam_threshold(1e-2, 0.8, weight_decay=0.1, decoupled=True),
+        ),
+    ],
+)
 def test_adam_rule_threshold_decay_and_transient(group, lr, expected):
     rule = rules.AdamRule()
     assert rule.threshold(group, lr) == expected
@@ -95,7 +101,9 @@ def test_a_users_optimizer_steps_like_torch_and_measures_with_its_rule():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
     rep = opt.sharpness(lambda: ((model(x) - y) ** 2).mean(), tol=1e-10)
     H = dense_hessian(Bound(model, x), lambda out: ((out - y) ** 2).mean())
-    P = torch.cat([_adagrad_preconditioner(p, opt.state[p], opt.param_groups[0]).reshape(-1) for p in model.parameters()])
+    P = torch.cat(
+        [_adagrad_preconditioner(p, opt.state[p], opt.param_groups[0]).reshape(-1) for p in model.parameters()]
+    )
     expected = torch.linalg.eigvalsh(P.rsqrt()[:, None] * H * P.rsqrt()[None, :])[-1]
     assert rep.preconditioned == pytest.approx(float(expected), rel=1e-8)
     assert rep.threshold == pytest.approx(2 / 0.05) and opt.stability_threshold() == [pytest.approx(40.0)]
@@ -113,6 +121,7 @@ def test_a_users_subclass_keeps_its_own_init_and_inherits_the_rule():
 
 def test_the_deprecated_subclass_hooks_still_work_and_warn():
     with pytest.warns(DeprecationWarning, match="_preconditioner_fn/_needs_state is deprecated"):
+
         class Halved(stableopt.SGD):
             _needs_state = True
 
@@ -129,13 +138,31 @@ def test_the_deprecated_subclass_hooks_still_work_and_warn():
     assert opt.sharpness(lambda: (w**2).sum(), tol=1e-9).preconditioned == pytest.approx(1.0)  # 2/2
 
 
-@pytest.mark.parametrize("make,pattern", [
-    (lambda: type("NoTorch", (stableopt.StabilityMixin, torch.optim.SGD), {}), "without naming its torch optimizer"),
-    (lambda: type("Wrong", (stableopt.StabilityMixin, torch.optim.SGD), {}, torch_class=torch.optim.Adam, rule=rules.SGDRule()),
-     "torch_class must be a torch.optim.Optimizer base class of Wrong"),
-    (lambda: type("BadRule", (stableopt.StabilityMixin, torch.optim.SGD), {}, torch_class=torch.optim.SGD, rule="sgd"),
-     "rule must be a stableopt.rules.StabilityRule, got str"),
-])
+@pytest.mark.parametrize(
+    "make,pattern",
+    [
+        (
+            lambda: type("NoTorch", (stableopt.StabilityMixin, torch.optim.SGD), {}),
+            "without naming its torch optimizer",
+        ),
+        (
+            lambda: type(
+                "Wrong",
+                (stableopt.StabilityMixin, torch.optim.SGD),
+                {},
+                torch_class=torch.optim.Adam,
+                rule=rules.SGDRule(),
+            ),
+            "torch_class must be a torch.optim.Optimizer base class of Wrong",
+        ),
+        (
+            lambda: type(
+                "BadRule", (stableopt.StabilityMixin, torch.optim.SGD), {}, torch_class=torch.optim.SGD, rule="sgd"
+            ),
+            "rule must be a stableopt.rules.StabilityRule, got str",
+        ),
+    ],
+)
 def test_declaring_an_optimizer_wrongly_is_a_clear_type_error(make, pattern):
     with pytest.raises(TypeError, match=pattern):
         make()

@@ -11,10 +11,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import dense_hessian, make_data, make_model
 from torch import nn
 
 import stableopt
-from conftest import dense_hessian, make_data, make_model
 
 
 class Bound(nn.Module):
@@ -39,7 +39,10 @@ def _setup(name, activation, loss, dtype, opt_kwargs, two_groups, steps=5):
     loss_fn = lambda: loss_of(model(x))
     lin = [m for m in model if isinstance(m, nn.Linear)]
     if two_groups:
-        params = [{"params": lin[0].parameters()}, {"params": lin[1].parameters(), "lr": opt_kwargs.get("lr", 1e-2) * 3}]
+        params = [
+            {"params": lin[0].parameters()},
+            {"params": lin[1].parameters(), "lr": opt_kwargs.get("lr", 1e-2) * 3},
+        ]
     else:
         params = model.parameters()
     opt = getattr(stableopt, name)(params, **opt_kwargs)
@@ -56,12 +59,22 @@ def _reference(model, x, loss_of, opt):
     H = dense_hessian(Bound(model64, x.double()), lambda out: loss_of(out).double())
     groups = opt.param_groups
     sign = -1.0 if groups[0].get("maximize", False) else 1.0
-    lam = torch.cat([
-        torch.full((p.numel(),), opt._coupled_weight_decay(g), dtype=torch.float64) for g in groups for p in g["params"]
-    ])
+    lam = torch.cat(
+        [
+            torch.full((p.numel(),), opt._coupled_weight_decay(g), dtype=torch.float64)
+            for g in groups
+            for p in g["params"]
+        ]
+    )
     H_eff = sign * H + torch.diag(lam)
     P = torch.cat([P.reshape(-1).double() for P in opt.preconditioner()])
-    tau = torch.cat([torch.full((p.numel(),), t, dtype=torch.float64) for g, t in zip(groups, opt.stability_threshold()) for p in g["params"]])
+    tau = torch.cat(
+        [
+            torch.full((p.numel(),), t, dtype=torch.float64)
+            for g, t in zip(groups, opt.stability_threshold())
+            for p in g["params"]
+        ]
+    )
     d = P.rsqrt()
     pre = torch.linalg.eigvalsh(d[:, None] * H_eff * d[None, :])
     d = (tau * P).rsqrt()
@@ -81,7 +94,11 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("name,activation,loss,kwargs,two_groups", CONFIGS, ids=[f"{c[0]}-{c[1].__name__}-{c[2]}-{c[3]}-groups{2 if c[4] else 1}" for c in CONFIGS])
+@pytest.mark.parametrize(
+    "name,activation,loss,kwargs,two_groups",
+    CONFIGS,
+    ids=[f"{c[0]}-{c[1].__name__}-{c[2]}-{c[3]}-groups{2 if c[4] else 1}" for c in CONFIGS],
+)
 def test_float64_matches_dense_reference_to_1e6(name, activation, loss, kwargs, two_groups):
     model, x, loss_of, loss_fn, opt = _setup(name, activation, loss, torch.float64, kwargs, two_groups)
     pre, ratio, raw = _reference(model, x, loss_of, opt)
@@ -96,7 +113,9 @@ def test_float64_matches_dense_reference_to_1e6(name, activation, loss, kwargs, 
     assert rep.step == 5 and rep.hvps > 0 and rep.residual <= 1e-9
 
 
-@pytest.mark.parametrize("name,activation,loss,kwargs,two_groups", CONFIGS[:4], ids=[f"{c[0]}-{c[2]}" for c in CONFIGS[:4]])
+@pytest.mark.parametrize(
+    "name,activation,loss,kwargs,two_groups", CONFIGS[:4], ids=[f"{c[0]}-{c[2]}" for c in CONFIGS[:4]]
+)
 def test_float32_matches_dense_reference_to_1e3(name, activation, loss, kwargs, two_groups):
     model, x, loss_of, loss_fn, opt = _setup(name, activation, loss, torch.float32, kwargs, two_groups)
     pre, ratio, raw = _reference(model, x, loss_of, opt)
@@ -197,7 +216,7 @@ def test_training_with_a_measurement_every_step_is_bitwise_training_without():
     for measure in (False, True):
         model = _noisy_model()
         opt = stableopt.AdamW(model.parameters(), lr=1e-2)
-        loss_fn = lambda: mse(model(x), y)
+        loss_fn = lambda model=model: mse(model(x), y)
         torch.manual_seed(1)
         for t in range(8):
             opt.zero_grad()
@@ -238,7 +257,11 @@ def test_non_finite_hvp_reports_nan_and_warns():
 
 
 def test_frozen_and_gradless_parameters():
-    used, frozen, no_grad = nn.Parameter(torch.tensor([1.0, 2.0])), nn.Parameter(torch.tensor([3.0])), nn.Parameter(torch.tensor([1.0]), requires_grad=False)
+    used, frozen, no_grad = (
+        nn.Parameter(torch.tensor([1.0, 2.0])),
+        nn.Parameter(torch.tensor([3.0])),
+        nn.Parameter(torch.tensor([1.0]), requires_grad=False),
+    )
     opt = stableopt.Adam([used, frozen, no_grad], lr=0.1)
     used.grad = torch.tensor([1.0, 1.0])
     opt.step()  # `frozen` got no gradient: no state, P = inf, it does not move
@@ -276,18 +299,42 @@ BAD_INPUTS = [
     (lambda: OPT.sharpness(lambda: [1.0]), TypeError, "loss_fn must return a scalar tensor, got list"),
     (lambda: OPT.sharpness(lambda: W * 2), ValueError, r"loss_fn must return a scalar tensor, got shape \(3,\)"),
     (lambda: OPT.sharpness(lambda: torch.tensor(2.0)), ValueError, "does not depend on the optimizer's parameters"),
-    (lambda: OPT.sharpness(lambda: (nn.Parameter(torch.ones(1)) ** 2).sum()), ValueError, "does not depend on any of the optimizer's parameters"),
+    (
+        lambda: OPT.sharpness(lambda: (nn.Parameter(torch.ones(1)) ** 2).sum()),
+        ValueError,
+        "does not depend on any of the optimizer's parameters",
+    ),
     (lambda: OPT.sharpness("loss"), TypeError, "loss_fn must be callable, got str"),
     (lambda: OPT.sharpness(lambda: (W**2).sum(), k=0), ValueError, "k must be a positive integer, got 0"),
     (lambda: OPT.sharpness(lambda: (W**2).sum(), tol=1.5), ValueError, r"tol must be a number in \(0, 1\), got 1.5"),
-    (lambda: OPT.sharpness(lambda: (W**2).sum(), max_iters=0), ValueError, "max_iters must be None or a positive integer, got 0"),
+    (
+        lambda: OPT.sharpness(lambda: (W**2).sum(), max_iters=0),
+        ValueError,
+        "max_iters must be None or a positive integer, got 0",
+    ),
     (lambda: OPT.sharpness(lambda: (W**2).sum(), raw="yes"), TypeError, "raw must be a bool, got str"),
     (lambda: OPT.sharpness(lambda: (W**2).sum(), every=3), TypeError, "unexpected keyword argument 'every'"),
-    (lambda: OPT.sharpness(lambda b: (W**2).sum(), batches=iter([torch.ones(2)])), TypeError, "batches must be re-iterable"),
-    (lambda: stableopt.Adam([nn.Parameter(torch.ones(1))]).sharpness(lambda: torch.ones(1)), RuntimeError, r"call step\(\) first"),
+    (
+        lambda: OPT.sharpness(lambda b: (W**2).sum(), batches=iter([torch.ones(2)])),
+        TypeError,
+        "batches must be re-iterable",
+    ),
+    (
+        lambda: stableopt.Adam([nn.Parameter(torch.ones(1))]).sharpness(lambda: torch.ones(1)),
+        RuntimeError,
+        r"call step\(\) first",
+    ),
     (lambda: _sparse_setup()[0].sharpness(_sparse_setup()[1]), TypeError, "sparse gradients are not supported"),
-    (lambda: _complex_opt().sharpness(lambda: torch.ones(1, requires_grad=True).sum()), TypeError, "complex parameters are not supported"),
-    (lambda: _mixed_maximize().sharpness(lambda: torch.ones(1, requires_grad=True).sum()), ValueError, "mix maximize=True and maximize=False"),
+    (
+        lambda: _complex_opt().sharpness(lambda: torch.ones(1, requires_grad=True).sum()),
+        TypeError,
+        "complex parameters are not supported",
+    ),
+    (
+        lambda: _mixed_maximize().sharpness(lambda: torch.ones(1, requires_grad=True).sum()),
+        ValueError,
+        "mix maximize=True and maximize=False",
+    ),
 ]
 
 

@@ -93,9 +93,11 @@ def test_soak_monitor_every_10_steps_memory_flat():
     # Python heap blocks: a history record is a few dozen small objects at most
     assert blocks <= 64 * new_records + 10_000, f"{blocks} new Python blocks for {new_records} records"
     assert rss1 - rss0 <= 32 * 1024 * 1024, f"RSS grew {(rss1 - rss0) / 2**20:.1f} MiB"
-    print(f"soak: {STEPS} steps, {records1} measurements in {seconds:.1f} s; {per_record:.0f} B/record "
-          f"(tracemalloc); {blocks / max(new_records, 1):.1f} Python blocks/record; "
-          f"RSS {(rss1 - rss0) / 2**20:+.1f} MiB; live tensors {tensors0}->{tensors1}")
+    print(
+        f"soak: {STEPS} steps, {records1} measurements in {seconds:.1f} s; {per_record:.0f} B/record "
+        f"(tracemalloc); {blocks / max(new_records, 1):.1f} Python blocks/record; "
+        f"RSS {(rss1 - rss0) / 2**20:+.1f} MiB; live tensors {tensors0}->{tensors1}"
+    )
 
 
 if __name__ == "__main__":  # the full soak: python tests/test_soak.py [STEPS]

@@ -7,12 +7,12 @@ import statistics
 
 import pytest
 import torch
+from test_blocks import _dense, noisy_adam
+from test_sharpness import _equal, _setup, _snapshot
 from torch import nn
 
 from stableopt import DenseOperator
 from stableopt.trace import hutch_plus_plus, hutchinson, orthonormalize, rademacher
-from test_blocks import _dense, noisy_adam
-from test_sharpness import _equal, _setup, _snapshot
 
 CPU = torch.device("cpu")
 
@@ -25,7 +25,12 @@ def _low_rank_plus_noise(n=120, rank=6, seed=0):
     """A Hessian-like spectrum: a few large eigenvalues over a small symmetric bulk."""
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    lam = torch.cat([torch.linspace(100.0, 20.0, rank, dtype=torch.float64), 0.3 * torch.randn(n - rank, generator=g, dtype=torch.float64)])
+    lam = torch.cat(
+        [
+            torch.linspace(100.0, 20.0, rank, dtype=torch.float64),
+            0.3 * torch.randn(n - rank, generator=g, dtype=torch.float64),
+        ]
+    )
     return Q @ torch.diag(lam) @ Q.T
 
 

@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+from test_blocks import noisy_adam
+from test_sharpness import _equal, _setup, _snapshot
 from torch import nn
 
 import stableopt
 from stableopt import DenseOperator
 from stableopt.tracking import Tracker
-from test_blocks import noisy_adam
-from test_sharpness import _equal, _setup, _snapshot
 
 CPU = torch.device("cpu")
 
@@ -23,7 +23,12 @@ def _drifting(n=120, gap=0.05, seed=0, rate=0.003):
     """A_t = Q_t·diag(λ·(1 + 0.3·sin(15·rate·t)))·Q_tᵀ with Q_t rotating slowly: the top
     eigenvalue and eigenvector both move every step."""
     g = torch.Generator().manual_seed(seed)
-    lam = torch.cat([torch.tensor([1.0, 1 - gap, 1 - 2 * gap], dtype=torch.float64), 0.8 * torch.rand(n - 3, generator=g, dtype=torch.float64) - 0.1])
+    lam = torch.cat(
+        [
+            torch.tensor([1.0, 1 - gap, 1 - 2 * gap], dtype=torch.float64),
+            0.8 * torch.rand(n - 3, generator=g, dtype=torch.float64) - 0.1,
+        ]
+    )
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     K = torch.randn(n, n, generator=g, dtype=torch.float64)
     R = torch.linalg.matrix_exp(rate * (K - K.T) / math.sqrt(n))
@@ -37,10 +42,10 @@ def _drifting(n=120, gap=0.05, seed=0, rate=0.003):
 def test_tracked_value_converges_to_the_top_eigenvalue_of_a_drifting_operator(budget):
     tracker = Tracker(budget, generator=torch.Generator().manual_seed(1))
     errors = []
-    for step, A in zip(range(250), _drifting()):
+    for _, A in zip(range(250), _drifting()):
         calls = [0]
 
-        def mv(x, A=A):
+        def mv(x, A=A, calls=calls):
             calls[0] += 1
             return A @ x
 
