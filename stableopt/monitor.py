@@ -10,21 +10,8 @@ schedule is the optimizer's own step count, a run resumed from ``opt.state_dict(
 
 The secant estimate
 -------------------
-With ``secant=True`` the monitor also records, for every step, the curvature along the update
-the optimizer actually took, from gradients the training loop computes anyway:
-
-    s_t = Δθᵀ(g_t − g_{t−1}) / ΔθᵀPΔθ,     Δθ = θ_t − θ_{t−1},
-
-with P the preconditioner of the step that made Δθ (plus the sign of ``maximize`` and λ‖Δθ‖²
-for coupled weight decay, as in the measured Hessian). ``secant_ratio`` divides by
-Σ_g τ_g·Δθ_gᵀP_gΔθ_g instead, so that 1 is the edge. It is an *estimate*: for a full-batch loss,
-Δg = H̄Δθ with H̄ the Hessian averaged along the step, so s_t is a Rayleigh quotient of P⁻¹H̄
-and a lower bound on λ_max(P⁻¹H) (exact for a quadratic; near the edge the update oscillates
-along the top eigenvector and the bound is tight). With mini-batches g_t and g_{t−1} come from
-different batches and the difference is dominated by gradient noise: the numbers are then not
-curvature and should not be read as such. Steps whose gradients are missing, sparse, computed
-inside a ``step(closure)``, or not one step apart are skipped. It costs two copies of the
-parameters and a few vector operations per step, so it is opt-in.
+With ``secant=True`` the monitor also records, every step, the curvature along the update the
+optimizer took, from gradients the training loop computes anyway (:mod:`stableopt.secant`).
 
 Tracking
 --------
@@ -37,167 +24,21 @@ measurements only).
 
 from __future__ import annotations
 
-import atexit
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._state import grad_disabled
+from ._live import ABOVE as ABOVE  # re-exported: the zone bounds were defined here
+from ._live import BELOW as BELOW
+from ._live import LiveView as _LiveView
+from ._live import plain_line, zone
 from .backends import check_backend
 from .directional import DIRECTIONS, update_tracker
+from .secant import SecantTracker
 
 __all__ = ["Monitor", "MonitorSet", "SecantTracker", "plain_line", "zone"]
-
-#: ratio zones: below the edge (< BELOW), at it ([BELOW, ABOVE]), above it (> ABOVE)
-BELOW, ABOVE = 0.9, 1.1
-
-
-def zone(ratio: float) -> str:
-    """ "below", "at" or "above" the edge of stability (or "unknown" for NaN).
-
-    >>> zone(0.5), zone(1.05), zone(1.3)
-    ('below', 'at', 'above')
-    """
-    if not math.isfinite(ratio):
-        return "unknown"
-    return "below" if ratio < BELOW else ("at" if ratio <= ABOVE else "above")
-
-
-def plain_line(report: Any) -> str:
-    """One plain-text line for a measurement (logs without a terminal: no control codes)."""
-    raw = "" if report.raw is None else f" raw={report.raw:.6g}"
-    note = "" if report.converged else " NOT converged"
-    return (
-        f"stableopt step {report.step}: loss={report.loss:.6g} λ_max(P⁻¹H)={report.preconditioned:.6g} "
-        f"threshold={report.threshold:.6g} ratio={report.ratio:.4f} ({zone(report.ratio)} the edge)"
-        f"{raw} [{report.hvps} HVPs, {report.seconds:.3f} s{note}]"
-    )
-
-
-class SecantTracker:
-    """Step pre hook that records the secant estimate (see the module docs) into the history."""
-
-    def __init__(self, optimizer: Any) -> None:
-        self.optimizer = optimizer
-        self._theta: list[Tensor] | None = None
-        self._grad: list[Tensor] | None = None
-        self._at = -1  # steps_taken when the snapshot was taken
-
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    def __call__(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if len(args) > 1 or kwargs.get("closure") is not None:  # gradients come from inside step()
-            self._theta = self._grad = None
-            return
-        params = self._params()
-        if any(p.grad is None or p.grad.is_sparse for p in params):
-            self._theta = self._grad = None
-            return
-        with grad_disabled():  # grad mode comes back even if interrupted
-            theta = [p.detach() for p in params]
-            grads = [p.grad.detach() for p in params]  # type: ignore[union-attr]
-            step = optimizer.steps_taken
-            prev_theta, prev_grad = self._theta, self._grad
-            if (
-                prev_theta is not None
-                and prev_grad is not None
-                and self._at == step - 1
-                and len(prev_theta) == len(theta)
-                and all(a.shape == b.shape for a, b in zip(prev_theta, theta))
-            ):
-                self._record(optimizer, step, theta, grads, prev_theta, prev_grad)
-                torch._foreach_copy_(prev_theta, theta)
-                torch._foreach_copy_(prev_grad, grads)
-            else:
-                self._theta = [t.clone() for t in theta]
-                self._grad = [g.clone() for g in grads]
-            self._at = step
-
-    def _record(
-        self,
-        optimizer: Any,
-        step: int,
-        theta: list[Tensor],
-        grads: list[Tensor],
-        prev_theta: list[Tensor],
-        prev_grad: list[Tensor],
-    ) -> None:
-        dtheta = torch._foreach_sub(theta, prev_theta)
-        dgrad = torch._foreach_sub(grads, prev_grad)
-        precond = optimizer.preconditioner()  # P of the step that made Δθ
-        taus = optimizer.stability_threshold()
-        sums = []
-        i = 0
-        rule = optimizer.stability_rule
-        for group, tau in zip(optimizer.param_groups, taus):
-            sign = rule.sign(group)
-            decay = rule.coupled_weight_decay(group)
-            for _ in group["params"]:
-                d, dg, P = dtheta[i], dgrad[i], precond[i]
-                sq = d * d
-                num = sign * (d * dg).sum()
-                if decay:
-                    num = num + decay * sq.sum()
-                pden = torch.where(sq > 0, sq * P.to(sq.dtype), torch.zeros_like(sq)).sum()
-                sums.append(torch.stack([num.double(), pden.double(), pden.double() * tau]))
-                i += 1
-        num, den, tden = torch.stack(sums).sum(0).tolist()  # one device sync per step
-        if den > 0 and math.isfinite(den) and math.isfinite(num):
-            optimizer.history.append_secant(step, num / den, num / tden if tden > 0 else math.nan)
-
-
-class _LiveView:
-    """One rich Live panel per optimizer, or plain lines when the console is not a terminal."""
-
-    def __init__(self, history: Any, console: Any = None) -> None:
-        from rich.console import Console
-
-        self.history = history
-        self.console = console if console is not None else Console()
-        self.live: Any = None
-        self._atexit = False
-
-    @property
-    def interactive(self) -> bool:
-        return bool(self.console.is_terminal)
-
-    def measuring(self, step: int) -> None:
-        if not self.interactive:
-            return
-        from rich.console import Group
-        from rich.spinner import Spinner
-
-        from .report import render_report
-
-        if self.live is None:
-            from rich.live import Live
-
-            self.live = Live(console=self.console, refresh_per_second=8, transient=False)
-            self.live.start()
-            if not self._atexit:
-                atexit.register(self.stop)
-                self._atexit = True
-        spinner = Spinner("dots", text=f"measuring λ_max(P⁻¹H) at step {step}…", style="cyan")
-        self.live.update(Group(render_report(self.history), spinner), refresh=True)
-
-    def measured(self, report: Any) -> None:
-        if not self.interactive:
-            self.console.file.write(plain_line(report) + "\n")
-            self.console.file.flush()
-            return
-        from .report import render_report
-
-        if self.live is not None:
-            self.live.update(render_report(self.history), refresh=True)
-
-    def stop(self) -> None:
-        if self.live is not None:
-            self.live.stop()
-            self.live = None
 
 
 class Monitor:

@@ -23,7 +23,7 @@ import stableopt._columns
 import stableopt._precision
 import stableopt._state
 import stableopt.history
-import stableopt.monitor
+import stableopt.secant
 from stableopt.history import History
 
 SEED = 20240611
@@ -235,7 +235,7 @@ def test_an_interrupted_secant_tracker_leaves_grad_mode_on():
     w = nn.Parameter(torch.randn(5))
     opt = stableopt.SGD([w], lr=0.01)
     opt.monitor(lambda: (w**4).sum(), every=10**6, secant=True)
-    files = _files(stableopt.monitor, stableopt._state)
+    files = _files(stableopt.secant, stableopt._state)
 
     def step():
         opt.zero_grad()
