@@ -21,49 +21,23 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import astuple
-from typing import Any, cast
+from typing import Any
 
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from . import _guard_settings as _settings
 from ._checkpoint import check_guard_state
+from ._guard_settings import SIGNALS as SIGNALS  # re-exported: it was defined here
+from .backends import check_backend
 
 # One event type for the guard, the history and the report (step, group, old/new factor, ratio,
 # reason). Reasons written by the guard: "cut" (ratio above the trigger), "relax" (back toward
 # 1 after the ratio stayed below the recovery level), "raise" (mode="edge", factor above 1).
-from .backends import check_backend
 from .history import GuardEvent
 from .rules import ADAM_TRANSIENT  # noqa: F401 - re-exported (it lived here before 0.2)
 
 __all__ = ["GuardEvent", "LRGuard"]
-
-_MODES = ("protect", "edge")
-#: what a guard reacts to: the edge ratio of λ_max measurements, or the directional ratio
-SIGNALS = ("ratio", "directional")
-
-
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"LRGuard: {name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"LRGuard: {name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _check_tol(tol: Any) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 < tol < 1.0:
-        raise ValueError(f"LRGuard: tol must be a number in (0, 1), got {tol!r}")
-    return float(tol)
-
-
-def _check_count(name: str, value: Any, *, allow_none: bool, minimum: int) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"LRGuard: {name} must be an int{' or None' if allow_none else ''}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"LRGuard: {name} must be >= {minimum}, got {value!r}")
-    return value
 
 
 class LRGuard:
@@ -204,55 +178,37 @@ class LRGuard:
         hvp: str = "auto",
         signal: str = "ratio",
     ) -> None:
-        if not isinstance(signal, str):
-            raise TypeError(f"LRGuard: signal must be one of {SIGNALS}, got {type(signal).__name__}")
-        if signal not in SIGNALS:
-            raise ValueError(f"LRGuard: signal must be one of {SIGNALS}, got {signal!r}")
-        if signal == "directional" and every is not None:
-            raise ValueError(
-                "LRGuard: signal='directional' reacts to directional measurements, and the guard's own "
-                "(every=) are λ_max measurements; drop every= and add opt.monitor(loss_fn, every=N, "
-                "directional='update') (or 'gradient')"
-            )
-        self.signal = signal
-        if mode not in _MODES:
-            raise ValueError(f"LRGuard: mode must be one of {_MODES}, got {mode!r}")
-        edge = mode == "edge"
-        self.mode = mode
-        self.trigger = _check_positive("trigger", trigger)
-        self.target = (
-            _check_positive("target", 1.0 if edge else 0.9) if target is None else _check_positive("target", target)
+        (
+            self.signal,
+            self.mode,
+            self.trigger,
+            self.target,
+            self.recovery,
+            self.patience,
+            self.relax_rate,
+            self.floor,
+            self.cap,
+            self.warmup,
+            self.every,
+        ) = _settings.resolve(
+            signal=signal,
+            mode=mode,
+            trigger=trigger,
+            target=target,
+            recovery=recovery,
+            patience=patience,
+            relax_rate=relax_rate,
+            floor=floor,
+            cap=cap,
+            warmup=warmup,
+            every=every,
         )
-        self.recovery = (0.9 if edge else 0.7) if recovery is None else _check_positive("recovery", recovery)
-        self.patience: int = (
-            (1 if edge else 3)
-            if patience is None
-            else cast(int, _check_count("patience", patience, allow_none=False, minimum=1))
-        )
-        self.relax_rate = _check_positive("relax_rate", relax_rate)
-        self.floor = _check_positive("floor", floor)
-        if cap is not None and not edge and cap != 1.0:
-            raise ValueError(
-                f"LRGuard: cap={cap!r} is only used with mode='edge'; mode='protect' never raises the "
-                "lr above the one you set (cap 1.0). Pass mode='edge' to allow raising it."
-            )
-        self.cap = (10.0 if edge else 1.0) if cap is None else _check_positive("cap", cap)
-        if not self.target < self.trigger:
-            raise ValueError(f"LRGuard: target ({self.target}) must be below trigger ({self.trigger})")
-        if not self.recovery < self.target:
-            raise ValueError(f"LRGuard: recovery ({self.recovery}) must be below target ({self.target})")
-        if self.relax_rate <= 1.0:
-            raise ValueError(f"LRGuard: relax_rate must be > 1, got {relax_rate!r}")
-        if not self.floor <= 1.0 <= self.cap:
-            raise ValueError(f"LRGuard: need floor <= 1 <= cap, got floor={self.floor}, cap={self.cap}")
-        self.warmup = _check_count("warmup", warmup, allow_none=True, minimum=0)
-        self.every = _check_count("every", every, allow_none=True, minimum=1)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"LRGuard: loss_fn must be callable, got {type(loss_fn).__name__}")
         self._loss_fn = loss_fn
         self._sharpness_kwargs: dict[str, Any] = {
             "batches": batches,
-            "tol": _check_tol(tol),
+            "tol": _settings.check_tol(tol),
             "max_iters": max_iters,
             "hvp": check_backend(hvp),
         }
@@ -316,7 +272,7 @@ class LRGuard:
         self._loss_fn = loss_fn
         self._sharpness_kwargs["batches"] = batches
         if tol is not None:
-            self._sharpness_kwargs["tol"] = _check_tol(tol)
+            self._sharpness_kwargs["tol"] = _settings.check_tol(tol)
         if max_iters is not None:
             self._sharpness_kwargs["max_iters"] = max_iters
         if hvp is not None:
