@@ -130,7 +130,9 @@ def make_forward_hvp(
     def loss_at(flat: tuple[Tensor, ...], args: tuple[Any, ...]) -> Tensor:
         mapping = {name: t for t, ns in zip(flat, names) for name in ns}
         call()
-        return torch.func.functional_call(root, mapping, args, strict=False).reshape(())
+        # every module that owns a parameter directly is named in mapping, so a tied parameter is
+        # swapped at each of its places; torch's own tie detection would ask for the other paths
+        return torch.func.functional_call(root, mapping, args, strict=False, tie_weights=False).reshape(())
 
     def apply(vectors: Sequence[Tensor]) -> list[Tensor | None]:
         primals = tuple(p.detach() for p in params)

@@ -241,6 +241,42 @@ def test_every_backend_leaves_params_grads_state_rng_and_buffers_untouched(hvp):
     assert _equal(before, _snapshot(model, opt))
 
 
+class _TiedLM(nn.Module):
+    """Tied input/output embeddings plus a parameter of the root module itself: the owner lookup
+    of hvp="forward" finds the root and both modules holding the tied weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.emb.weight
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.emb(idx) * self.scale))
+
+
+@pytest.mark.parametrize("hvp", ["forward", "fd", "autograd"])
+def test_tied_weights_and_root_parameters_match_the_dense_hessian(hvp):
+    torch.manual_seed(0)
+    model = _TiedLM().double()
+    idx, y = torch.tensor([0, 1, 2, 3, 4, 1]), torch.tensor([1, 2, 3, 4, 0, 0])
+    params = list(model.parameters())  # the tied weight once: [scale, emb.weight]
+    assert [p.shape for p in params] == [(3,), (5, 3)]
+
+    def loss_of(flat):
+        s, E = flat[:3], flat[3:].view(5, 3)
+        return F.cross_entropy(torch.tanh(E[idx] * s) @ E.T, y)
+
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    H = torch.func.hessian(loss_of)(theta)
+    group = stableopt.MeasuredGroup(params, [torch.ones_like(p) for p in params], threshold=1.0)
+    v = torch.randn(theta.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with stableopt.measure(lambda: F.cross_entropy(model(idx), y), [group], hvp=hvp) as m:
+        hv = m.operator("raw").matvec(v)
+    assert torch.allclose(hv, H @ v, rtol=0, atol=1e-7 * float((H @ v).norm()))
+
+
 def test_forward_backend_explains_what_it_cannot_differentiate():
     w = nn.Parameter(torch.tensor([1.0, 2.0]))  # used outside any module
     opt = stableopt.SGD([w], lr=0.1)
