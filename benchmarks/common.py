@@ -13,6 +13,7 @@ Every problem is generated in-process from a seeded ``torch.Generator`` (no down
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -20,7 +21,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -357,17 +358,23 @@ def flat_preconditioner(opt) -> Tensor:
     return torch.cat([P.reshape(-1) for P in opt.preconditioner()]).rsqrt()
 
 
-def flat_operator(hvp, params: list[Tensor], d: Tensor | None = None) -> Callable[[Tensor], Tensor]:
-    """u ↦ H·u (or D·H·D·u for a flat diagonal ``d``) on flat vectors, from a
-    ``stableopt.make_hvp`` product over ``params``."""
+@contextlib.contextmanager
+def flat_operator(
+    loss_fn: Callable[[], Tensor], params: list[Tensor], d: Tensor | None = None, *, hvp: str = "autograd"
+) -> Iterator[Callable[[Tensor], Tensor]]:
+    """``with flat_operator(loss_fn, params, d) as mv:`` u ↦ H·u (or D·H·D·u for a flat diagonal
+    ``d``) on flat vectors: stableopt's own public operator (``stableopt.measure`` over one group
+    whose preconditioner is P = d⁻², so that P^{-1/2} = D), not a rebuilt copy of it."""
+    import stableopt
+
     numels = [p.numel() for p in params]
-
-    def mv(u: Tensor) -> Tensor:
-        v = u if d is None else d * u
-        out = torch.cat([o.reshape(-1) for o in hvp([c.view_as(p) for c, p in zip(v.split(numels), params)])])
-        return out if d is None else out * d
-
-    return mv
+    if d is None:
+        pre, kind = [torch.ones_like(p) for p in params], "raw"
+    else:
+        pre, kind = [c.view_as(p).pow(-2) for c, p in zip(d.split(numels), params)], "preconditioned"
+    group = stableopt.MeasuredGroup(params, pre, threshold=1.0)
+    with stableopt.measure(loss_fn, [group], hvp=hvp) as m:
+        yield m.operator(kind).matvec
 
 
 def reference_eigs(
@@ -383,15 +390,14 @@ def reference_eigs(
     x = pb.x.to(dtype) if pb.x.is_floating_point() else pb.x
     y = pb.y.to(dtype) if pb.y.is_floating_point() else pb.y
     params = [p for p in model.parameters() if p.requires_grad]
-    hvp = stableopt.make_hvp(lambda: pb.loss_of_output(model(x), y), params)
-    mv = flat_operator(hvp, params, None if d is None else d.to(dtype))
-    res = stableopt.lanczos(
-        mv,
-        n=sum(p.numel() for p in params),
-        k=k,
-        tol=tol,
-        max_iters=150,
-        dtype=dtype,
-        generator=torch.Generator().manual_seed(12345),
-    )
+    with flat_operator(lambda: pb.loss_of_output(model(x), y), params, None if d is None else d.to(dtype)) as mv:
+        res = stableopt.lanczos(
+            mv,
+            n=sum(p.numel() for p in params),
+            k=k,
+            tol=tol,
+            max_iters=150,
+            dtype=dtype,
+            generator=torch.Generator().manual_seed(12345),
+        )
     return [float(x) for x in res.eigenvalues]

@@ -9,20 +9,38 @@ Routes, all on the same batch and parameters (float32):
 * ``func``: ``torch.func`` forward-over-reverse, ``jvp(grad(f))`` with ``functional_call``
   (hand-written MSE: ``nn.MSELoss`` fails under jvp(grad), pytorch issue 123996).
 
+Then the library's backends (``hvp="autograd" | "fd" | "forward"``) through the public operator
+(``stableopt.measure(...).operator("raw")``): one product in gradients on the MLP and on a small
+transformer (causal SDPA, LayerNorm, GELU, tied embeddings) with torch's default (fused) SDPA
+kernel, where double backward does not exist, and with the math kernel; and the relative error of
+``"fd"`` products in float32 and float64 against float64 double backward.
+
 Times are medians of interleaved rounds; memory is the peak resident set above the level before
 the call (see ``common.peak_memory``). This measurement decides the HVP route of the engine.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import common
 import torch
-from common import QUICK, interleaved, make_cnn, peak_memory, save, target, trained_mlp
+import torch.nn.functional as F
+from common import QUICK, Problem, interleaved, make_cnn, peak_memory, save, target, trained_mlp
+from torch import Tensor
 from torch.func import functional_call, grad, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import stableopt
+
+# the model of examples/transformer.py itself, not a copy of it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from transformer import TinyGPT  # noqa: E402
 
 common.exact_rss_malloc()  # this script measures peak memory: exact RSS (see common.exact_rss_malloc)
 
@@ -93,19 +111,156 @@ def routes_v(pb):
     return [torch.randn(p.shape, generator=g) for p in pb.params]
 
 
+BACKENDS = ("autograd", "fd", "forward")
+
+
+def _lm_loss(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def tiny_transformer(seed: int = 0) -> Problem:
+    """A 2-layer decoder-only transformer (causal SDPA attention, LayerNorm, GELU, tied
+    embeddings; 64-token vocabulary, context 32, width 64) on a seeded random batch of 16
+    sequences, next-token cross-entropy."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = TinyGPT(vocab=64, context=32)
+    x = torch.randint(0, 64, (16, 32), generator=g)
+    y = torch.roll(x, -1, dims=1)
+    return Problem("transformer", model, x, y, _lm_loss)
+
+
+def _group(params):
+    return [stableopt.MeasuredGroup(params, [torch.ones_like(p) for p in params], threshold=1.0)]
+
+
+def _flat(ts) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def backend_costs(pb: Problem, *, math_sdpa: bool, rounds: int, number: int) -> dict:
+    """Seconds of one gradient and of one product per backend (medians of interleaved rounds),
+    through the public operator (``stableopt.measure(...).operator("raw")``)."""
+    params = pb.params
+    n = sum(p.numel() for p in params)
+    v = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    ctx = sdpa_kernel(SDPBackend.MATH) if math_sdpa else contextlib.nullcontext()
+    times: dict[str, list[float]] = {"grad": [], **{b: [] for b in BACKENDS}}
+    errors: dict[str, str] = {}
+    build: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    with ctx:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                torch.autograd.grad(pb.loss_fn(), params)
+            times["grad"].append((time.perf_counter() - t0) / number)
+            for b in BACKENDS:
+                if b in errors:
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    with stableopt.measure(pb.loss_fn, _group(params), hvp=b) as m:
+                        op = m.operator("raw")
+                        op.matvec(v)  # the first product (graph build for autograd)
+                        t1 = time.perf_counter()
+                        for _ in range(number):
+                            op.matvec(v)
+                        t2 = time.perf_counter()
+                    build[b].append(t1 - t0)
+                    times[b].append((t2 - t1) / number)
+                except Exception as exc:  # noqa: BLE001 - recorded: the backend does not work on this model
+                    errors[b] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    return {
+        "seconds": med,
+        "first_product_seconds": {k: statistics.median(v) for k, v in build.items() if v},
+        "x_gradient": {k: med[k] / med["grad"] for k in med if k != "grad"},
+        "unsupported": errors,
+    }
+
+
+def fd_accuracy(pb: Problem, *, probes: int = 5) -> dict:
+    """Relative error of hvp="fd" products against float64 double backward on a float64 copy
+    (math SDPA), in float32 and in float64."""
+    ref_model = copy.deepcopy(pb.model).double()
+    ref_params = [p for p in ref_model.parameters() if p.requires_grad]
+    x64 = pb.x.double() if pb.x.is_floating_point() else pb.x
+    y64 = pb.y.double() if pb.y.is_floating_point() else pb.y
+    out = {}
+    g = torch.Generator().manual_seed(1)
+    n = sum(p.numel() for p in ref_params)
+    vs = [torch.randn(n, generator=g, dtype=torch.float64) for _ in range(probes)]
+    with sdpa_kernel(SDPBackend.MATH):
+        with stableopt.measure(lambda: pb.loss_of_output(ref_model(x64), y64), _group(ref_params), hvp="autograd") as m:
+            op = m.operator("raw")
+            refs = [op.matvec(v) for v in vs]
+    for label, model, x, y in (("float32", pb.model, pb.x, pb.y), ("float64", ref_model, x64, y64)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        errs = []
+        with stableopt.measure(
+            lambda model=model, x=x, y=y: pb.loss_of_output(model(x), y), _group(params), hvp="fd"
+        ) as m:
+            op = m.operator("raw")
+            for v, r in zip(vs, refs):
+                hv = op.matvec(v.to(op.dtype)).double()
+                errs.append(float((hv - r).norm() / r.norm()))
+        out[label] = {"max_rel_error": max(errs), "median_rel_error": statistics.median(errs)}
+    return out
+
+
+def backend_rows(mlp: Problem) -> dict:
+    """The library's three HVP backends through the public operator: cost of one product in
+    gradients on the MLP and on the small transformer (fused SDPA, where double backward does
+    not exist, and the math kernel), and the accuracy of hvp="fd" against float64."""
+    tr = tiny_transformer()
+    rounds, number = (3, 2) if QUICK else (7, 3)
+    costs = {
+        mlp.name: backend_costs(mlp, math_sdpa=False, rounds=rounds, number=number),
+        "transformer (default SDPA)": backend_costs(tr, math_sdpa=False, rounds=rounds, number=number),
+        "transformer (math SDPA)": backend_costs(tr, math_sdpa=True, rounds=rounds, number=number),
+    }
+    for name, r in costs.items():
+        line = ", ".join(f"{b} {x:.2f}×" for b, x in r["x_gradient"].items())
+        print(f"backends on {name}: one product = {line} gradient")
+        for b, why in r["unsupported"].items():
+            print(f"  {b}: not available ({why[:120]})")
+    accuracy = {mlp.name: fd_accuracy(mlp), "transformer": fd_accuracy(tr)}
+    for name, a in accuracy.items():
+        print(
+            f"fd accuracy on {name} vs float64 double backward: float32 max rel error "
+            f"{a['float32']['max_rel_error']:.1e}, float64 {a['float64']['max_rel_error']:.1e}"
+        )
+    return {"costs": costs, "fd_accuracy": accuracy}
+
+
 def main() -> dict:
     t0 = time.perf_counter()
     rows = [bench(trained_mlp(QUICK), rounds=3 if QUICK else 7, number=2 if QUICK else 3)]
     rows.append(bench(make_cnn(quick=True), rounds=3 if QUICK else 5, number=1))
     mlp = rows[0]
+    backends = backend_rows(trained_mlp(QUICK))
     best = min(("reuse", "fresh", "func"), key=lambda k: mlp["x_gradient"][k])
     print(f"fastest HVP route on {mlp['problem']}: {best} (engine uses 'reuse')")
     targets = [
         target(
             f"HVP / gradient on {mlp['problem']} (engine route: reuse)", mlp["x_gradient"]["reuse"], 2.5, fmt="{:.2f}"
-        )
+        ),
+        target(
+            'hvp="fd" product / gradient on the transformer (fused SDPA, no double backward)',
+            backends["costs"]["transformer (default SDPA)"]["x_gradient"]["fd"],
+            3.0,
+            fmt="{:.2f}",
+        ),
+        target(
+            'hvp="fd" float32 relative error vs float64 (worst of MLP, transformer)',
+            max(a["float32"]["max_rel_error"] for a in backends["fd_accuracy"].values()),
+            2e-3,
+            fmt="{:.1e}",
+        ),
     ]
-    return save("hvp", dict(rows=rows, fastest_route=best, targets=targets, seconds=time.perf_counter() - t0))
+    return save(
+        "hvp", dict(rows=rows, fastest_route=best, backends=backends, targets=targets, seconds=time.perf_counter() - t0)
+    )
 
 
 if __name__ == "__main__":

@@ -201,14 +201,14 @@ def ours(opt, pb, *, raw: bool, tol: float = 1e-3, warm: dict | None = None):
     """One stableopt measurement at the current state: cold (``warm=None``) or warm-started from
     the given warm-start vectors (what the optimizer held before that measurement); the
     optimizer's own warm vectors are left as they were."""
-    saved = opt._stableopt_warm
-    opt._stableopt_warm = {} if warm is None else {k: v.clone() for k, v in warm.items()}
+    saved = opt.warm_starts
+    opt.warm_starts = {} if warm is None else {k: v.clone() for k, v in warm.items()}
     try:
         t0 = clock()
         rep = opt.sharpness(pb.loss_fn, tol=tol) if not raw else _raw(pb, tol)
         return rep, clock() - t0
     finally:
-        opt._stableopt_warm = saved
+        opt.warm_starts = saved
 
 
 def _raw(pb, tol):
@@ -232,7 +232,7 @@ def warm_run(pb, opt, tol: float, every: int, steps: int) -> dict:
         opt.step()
         if t % every == 0:
             opt.zero_grad(set_to_none=True)
-            before_last = {k: v.clone() for k, v in opt._stableopt_warm.items()}
+            before_last = {k: v.clone() for k, v in opt.warm_starts.items()}
             t0 = clock()
             rep = opt.sharpness(pb.loss_fn, tol=tol)
             times.append(clock() - t0)
@@ -310,7 +310,7 @@ def main() -> dict:
     warm = {LOOSE_TOL: warm_run(pb, opt, LOOSE_TOL, every, steps)}
     pb.model.load_state_dict(start[0])
     opt.load_state_dict(start[1])
-    opt._stableopt_warm = {}
+    opt.warm_starts = {}
     warm[1e-3] = warm_run(pb, opt, 1e-3, every, steps)
     d = flat_preconditioner(opt)
     ref_pre = reference_eigs(pb, d, k=2)

@@ -40,16 +40,16 @@ def measure(opt, pb, *, bound: str, tol: float, warm: dict | None, raw: bool = F
 
     ``bound`` is "residual" or "gap" (that rule for cold and warm solves alike) or "default"
     (the library's choice: ``S.STOP_BOUND`` cold, ``S.WARM_STOP_BOUND`` warm)."""
-    saved = S.STOP_BOUND, S.WARM_STOP_BOUND, opt._stableopt_warm
+    saved = S.STOP_BOUND, S.WARM_STOP_BOUND, opt.warm_starts
     if bound != "default":
         S.STOP_BOUND = S.WARM_STOP_BOUND = bound
-    opt._stableopt_warm = {} if warm is None else warm
+    opt.warm_starts = {} if warm is None else warm
     try:
         t0 = clock()
         rep = opt.sharpness(pb.loss_fn, tol=tol, raw=raw)
         return dataclasses.replace(rep, seconds=clock() - t0)  # the benchmarks' clock
     finally:
-        S.STOP_BOUND, S.WARM_STOP_BOUND, opt._stableopt_warm = saved
+        S.STOP_BOUND, S.WARM_STOP_BOUND, opt.warm_starts = saved
 
 
 def cold_table(pb, opt, ref_pre: float, ref_raw: float, repeats: int) -> list[dict]:
@@ -136,11 +136,11 @@ def memory(pb, opt) -> dict:
 
     train_step()
     step_peak = min(peak_memory(train_step)[0] for _ in range(3))
-    saved = opt._stableopt_warm
-    opt._stableopt_warm = {}
+    saved = opt.warm_starts
+    opt.warm_starts = {}
     cold_peak = peak_memory(lambda: opt.sharpness(pb.loss_fn))[0]
     warm_peak = peak_memory(lambda: opt.sharpness(pb.loss_fn))[0]
-    opt._stableopt_warm = saved
+    opt.warm_starts = saved
     opt.zero_grad(set_to_none=True)
     resident = 4 * 4 * pb.n_params + pb.x.numel() * pb.x.element_size() + pb.y.numel() * pb.y.element_size()
     out = dict(

@@ -33,26 +33,25 @@ def unit(v: torch.Tensor) -> torch.Tensor:
 def case(label: str, pb, opt, quantities: tuple[str, ...]) -> list[dict]:
     params = pb.params
     n = sum(p.numel() for p in params)
-    hvp = stableopt.make_hvp(pb.loss_fn, params)
     grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(pb.loss_fn(), params)])
     rows = []
     for quantity in quantities:
         d = flat_preconditioner(opt) if quantity == "preconditioned" else None
-        mv = flat_operator(hvp, params, d)
-        lam = reference_eigs(pb, d, k=3)
-        vecs = stableopt.lanczos(
-            mv, n=n, k=3, tol=1e-6, max_iters=300, generator=torch.Generator().manual_seed(1)
-        ).eigenvectors
-        g = unit(grad if d is None else d * grad)
-        cos = [abs(float(g @ unit(v))) for v in vecs]
-        out = {"random": [], "gradient + random": []}
-        for seed in range(SEEDS):
-            r = unit(torch.randn(n, generator=torch.Generator().manual_seed(1000 + seed)))
-            for start, v0 in (("random", r), ("gradient + random", g + r)):
-                t0 = clock()
-                res = stableopt.lanczos(mv, v0, k=1, tol=TOL, max_basis=MAX_BASIS)
-                err = abs(float(res.eigenvalues[0]) - lam[0]) / abs(lam[0])
-                out[start].append(dict(hvps=res.matvecs, rel_error=err, seconds=clock() - t0))
+        with flat_operator(pb.loss_fn, params, d) as mv:
+            lam = reference_eigs(pb, d, k=3)
+            vecs = stableopt.lanczos(
+                mv, n=n, k=3, tol=1e-6, max_iters=300, generator=torch.Generator().manual_seed(1)
+            ).eigenvectors
+            g = unit(grad if d is None else d * grad)
+            cos = [abs(float(g @ unit(v))) for v in vecs]
+            out = {"random": [], "gradient + random": []}
+            for seed in range(SEEDS):
+                r = unit(torch.randn(n, generator=torch.Generator().manual_seed(1000 + seed)))
+                for start, v0 in (("random", r), ("gradient + random", g + r)):
+                    t0 = clock()
+                    res = stableopt.lanczos(mv, v0, k=1, tol=TOL, max_basis=MAX_BASIS)
+                    err = abs(float(res.eigenvalues[0]) - lam[0]) / abs(lam[0])
+                    out[start].append(dict(hvps=res.matvecs, rel_error=err, seconds=clock() - t0))
         for start, solves in out.items():
             row = dict(
                 case=label,

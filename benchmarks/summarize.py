@@ -70,6 +70,27 @@ def main() -> None:
                 f"{m['fresh'] / 1e6:.1f} / {m['func'] / 1e6:.1f} |"
             )
         L.append("")
+        bk = h.get("backends")
+        if bk:
+            L += [
+                '**HVP backends** (`hvp=` through the public operator `stableopt.measure(...).operator("raw")`; '
+                "one product in gradients, — where the backend cannot differentiate the model):",
+                "",
+                "| problem | autograd | fd | forward |",
+                "|---|---:|---:|---:|",
+            ]
+            for name, r in bk["costs"].items():
+                x = r["x_gradient"]
+                cells = " | ".join(f"{x[b]:.2f}" if b in x else "—" for b in ("autograd", "fd", "forward"))
+                L.append(f"| {name} | {cells} |")
+            L += [
+                "",
+                '| `hvp="fd"` vs float64 double backward | float32 max rel. error | float64 max rel. error |',
+                "|---|---:|---:|",
+            ]
+            for name, a in bk["fd_accuracy"].items():
+                L.append(f"| {name} | {a['float32']['max_rel_error']:.1e} | {a['float64']['max_rel_error']:.1e} |")
+            L.append("")
     s = data["sharpness"]
     if s:
         L += [

@@ -30,7 +30,7 @@ from .backends import BackendChoice
 from .eigen import LanczosResult, lanczos
 from .operator import CurvatureOperator, MeasuredGroup, Measurement, measure
 
-__all__ = ["SharpnessGroup", "SharpnessReport", "estimate_sharpness"]
+__all__ = ["SharpnessGroup", "SharpnessReport", "estimate_sharpness", "warm_start_vector"]
 
 #: Relative weight of the previous second Ritz vector in a warm start vector. Eigenvalues near
 #: the edge crowd (λ2/λ1 → 1) and cross; starting with a sizeable component along the old
@@ -158,6 +158,21 @@ def _warm_start(
     for extra in vecs[1:]:
         v0.add_(extra, alpha=WARM_MIX)
     return v0 if bool(torch.isfinite(v0).all()) and float(v0.norm()) > 0 else None
+
+
+def warm_start_vector(vectors: Tensor) -> Tensor | None:
+    """The start vector a warm measurement derives from stored Ritz vectors (one entry of
+    ``opt.warm_starts``, shape vectors × n): the first plus ``WARM_MIX`` times each other one.
+
+    Returns None where the result is not finite or is zero (the measurement then starts cold).
+
+    Example:
+        >>> warm_start_vector(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        tensor([1.0000, 0.5000])
+    """
+    if not isinstance(vectors, Tensor) or vectors.dim() != 2:
+        raise TypeError("vectors must be a 2-D tensor (vectors x n), an entry of opt.warm_starts")
+    return _warm_start({"v": vectors}, "v", vectors.shape[1], vectors.dtype, vectors.device)
 
 
 def estimate_sharpness(
