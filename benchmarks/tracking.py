@@ -1,6 +1,6 @@
 """Tracking mode (``opt.monitor(loss_fn, every=1, budget=b)``) against full measurements.
 
-Two problems, full-batch Adam (lr 1e-3) from the start of training: the SCIENCE.md digits MLP
+Two problems, full-batch Adam (lr 1e-3) from the start of training: the docs/science.md digits MLP
 (64-128-128-10 tanh, 1000 samples; 1500 steps, 300 with ``--quick``), which sharpens to the
 edge by step ~400 and stays there, and the benchmark "mlp" from its GD-200 state (600 steps;
 "mlp-quick", 300 steps, with ``--quick``).

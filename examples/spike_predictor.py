@@ -1,6 +1,6 @@
 """Does the curvature along the preconditioned gradient predict Adam's loss spikes (Bai et al. 2025)?
 
-Full-batch Adam at a large lr (default 2e-2) on the digits problem of SCIENCE.md spikes again and
+Full-batch Adam at a large lr (default 2e-2) on the digits problem of docs/science.md spikes again and
 again: the loss jumps, Adam's second moment v grows, P = √v̂ + ε rises, the run settles and sharpens
 until the next jump. After every step the script measures, one Hessian-vector product each,
 

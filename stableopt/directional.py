@@ -8,7 +8,7 @@ optimizer's diagonal preconditioner P,
 with H the Hessian of the objective the optimizer descends (the sign of ``maximize``, plus λI
 for coupled weight decay: exactly the ``"raw"`` operator of a measurement) and τ_g the
 threshold of param group g (ratio = 1 is the edge, per-group thresholds as in the edge ratio
-of SCIENCE.md and the secant ratio of :mod:`stableopt.monitor`). With w = P^{1/2}u, value is
+of docs/science.md and the secant ratio of :mod:`stableopt.secant`). With w = P^{1/2}u, value is
 the Rayleigh quotient wᵀ(P^{-1/2}HP^{-1/2})w / wᵀw, so
 
     value ≤ λ_max(P⁻¹H)   and   ratio ≤ the edge ratio of ``opt.sharpness()``:
