@@ -5,8 +5,11 @@ storage (:class:`Tables`) that appends and loads all-or-nothing.
 A name is a fixed column of one of the tables, a per-group / per-eigenvalue measurement
 column ``lr_<g>``, ``threshold_<g>``, ``eig_<i>`` (ASCII digits, no leading zero, numbered from 0
 without gaps) or a per-block measurement column ``block_<stem>_lmax`` / ``block_<stem>_ratio``
-(a stem of ASCII letters, digits and underscores, :func:`stableopt.blocks.column_stems`). Values follow :data:`RULES`: steps are non-negative and never decrease, counts
-are bounded so that no sum of them overflows int64, times and guard factors are finite.
+(a stem of ASCII letters, digits and underscores, :func:`stableopt.blocks.column_stems`).
+Values follow :data:`RULES`: steps are non-negative and never decrease, counts are bounded so
+that no sum of them overflows int64, times and guard factors are finite. The two density tables
+are also checked against each other (:func:`check_density`): every node belongs to a recorded
+density and one of its probes, and each probe's weights sum to 1.
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ from ._text import quoted
 
 __all__ = [
     "BLOCK_COLUMN",
+    "DENSITY_COLUMNS",
     "DIRECTIONAL_COLUMNS",
     "DIRECTIONAL_KINDS",
+    "DTYPE_CODES",
     "DYNAMIC_PREFIXES",
     "EVENT_COLUMNS",
     "OPTIONAL_TABLES",
     "HVP_BACKEND_CODES",
     "MAX_REASON_CHARS",
     "MEASUREMENT_COLUMNS",
+    "NODE_COLUMNS",
     "OPTIONAL_COLUMNS",
     "SCHEMA_VERSION",
     "SECANT_COLUMNS",
@@ -38,6 +44,7 @@ __all__ = [
     "TRACK_COLUMNS",
     "Tables",
     "check_columns",
+    "check_density",
     "check_layout",
     "check_row",
     "column_type",
@@ -93,11 +100,33 @@ TRACK_COLUMNS: dict[str, str] = {
     "track_residual": "d",
     "track_hvps": "q",
 }
+#: the density table: one row per ``opt.spectral_density()`` call (:mod:`stableopt.density`);
+#: ``density_threshold`` is τ for a preconditioned density with one common threshold, else NaN
+DENSITY_COLUMNS: dict[str, str] = {
+    "density_step": "q",
+    "density_preconditioned": "b",
+    "density_probes": "q",
+    "density_iters": "q",
+    "density_hvps": "q",
+    "density_size": "q",
+    "density_seconds": "d",
+    "density_loss": "d",
+    "density_threshold": "d",
+    "density_hvp_backend": "q",
+    "density_dtype": "q",
+}
+#: codes of the ``density_dtype`` column (the dtype the products were computed in; −1: unknown)
+DTYPE_CODES = {"float32": 0, "float64": 1}
+#: the density_nodes table: one row per Ritz node θ_j of a density (``node_density``: its row in
+#: the density table; ``node_probe``: which probe; ``node``: θ_j; ``node_weight``: w_j)
+NODE_COLUMNS: dict[str, str] = {"node_density": "q", "node_probe": "q", "node": "d", "node_weight": "d"}
+#: how far a probe's weights may sum from 1 (Lanczos in float32 rounds them at ~1e-6)
+WEIGHT_SUM_TOLERANCE = 1e-4
 #: the per-block measurement columns (float64; NaN in rows measured without that block)
 BLOCK_COLUMN = re.compile(r"block_[A-Za-z0-9_]{1,60}_(lmax|ratio)\Z")
 #: tables a file may lack altogether (written before they existed, or empty: left out so that a
-#: run without directional or tracking measurements writes what older versions read)
-OPTIONAL_TABLES = ("directional", "tracking")
+#: run without directional, tracking or density measurements writes what older versions read)
+OPTIONAL_TABLES = ("directional", "tracking", "density", "density_nodes")
 EVENT_COLUMNS: dict[str, str] = {
     "event_step": "q",
     "event_group": "q",
@@ -111,8 +140,11 @@ TABLES = {
     "events": EVENT_COLUMNS,
     "directional": DIRECTIONAL_COLUMNS,
     "tracking": TRACK_COLUMNS,
+    "density": DENSITY_COLUMNS,
+    "density_nodes": NODE_COLUMNS,
 }
-_FIXED = {**MEASUREMENT_COLUMNS, **SECANT_COLUMNS, **EVENT_COLUMNS, **DIRECTIONAL_COLUMNS, **TRACK_COLUMNS}
+_FIXED = {name: tc for fixed in TABLES.values() for name, tc in fixed.items()}
+_TABLE_OF = {name: table for table, fixed in TABLES.items() for name in fixed}
 _DYNAMIC = re.compile(r"(lr|threshold|eig)_(0|[1-9][0-9]{0,4})\Z")
 _NUMPY = {"q": "int64", "d": "float64", "b": "bool"}
 _NP = {"q": np.int64, "d": np.float64, "b": np.bool_}
@@ -139,6 +171,19 @@ RULES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "event_old_factor": (0.0, None, False, True),
     "event_new_factor": (0.0, None, False, True),
     "event_ratio": (None, None, False, True),
+    "density_step": (0, None, True, True),
+    "density_probes": (1, _COUNT - 1, False, True),
+    "density_iters": (1, _COUNT - 1, False, True),
+    "density_hvps": (0, _COUNT - 1, False, True),
+    "density_size": (0, 2**62, False, True),
+    "density_seconds": (0.0, None, False, True),
+    "density_threshold": (0.0, None, False, False),  # NaN: no single threshold
+    "density_hvp_backend": (-1, len(HVP_BACKEND_CODES) - 1, False, True),
+    "density_dtype": (-1, len(DTYPE_CODES) - 1, False, True),
+    "node_density": (0, _COUNT - 1, True, True),
+    "node_probe": (0, _COUNT - 1, False, True),
+    "node": (None, None, False, True),
+    "node_weight": (0.0, 1.0, False, True),
 }
 
 
@@ -155,15 +200,8 @@ def is_dynamic(name: str) -> bool:
 
 
 def table_of(name: str) -> str:
-    if name in SECANT_COLUMNS:
-        return "secant"
-    if name in EVENT_COLUMNS:
-        return "events"
-    if name in DIRECTIONAL_COLUMNS:
-        return "directional"
-    if name in TRACK_COLUMNS:
-        return "tracking"
-    return "measurements"
+    """The table of a column name (the dynamic ones belong to "measurements")."""
+    return _TABLE_OF.get(name, "measurements")
 
 
 def column_type(name: str) -> str | None:
@@ -217,6 +255,52 @@ def check_columns(columns: Mapping[str, np.ndarray], bad: Callable[[str], Except
         if monotone and len(w) > 1 and bool((w[1:] < w[:-1]).any()):
             i = int(np.argmax(w[1:] < w[:-1]))
             raise bad(f"column {quoted(name)} is not in order: {int(w[i])} is followed by {int(w[i + 1])}")
+    check_density(columns, bad)
+
+
+def check_density(columns: Mapping[str, np.ndarray], bad: Callable[[str], Exception]) -> None:
+    """Raise ``bad(problem)`` unless the density_nodes rows fit the density rows.
+
+    Each node names a recorded density (``node_density`` < its row count, in order) and one of
+    its probes (``node_probe`` < ``density_probes``, in order within the density); a density
+    with nodes has every probe, none with more nodes than ``density_iters``, and the weights of
+    each probe sum to 1 (within :data:`WEIGHT_SUM_TOLERANCE`). The per-column rules
+    (:data:`RULES`) are checked first by :func:`check_columns`.
+    """
+    owner = columns.get("node_density")
+    if owner is None or not len(owner):
+        return
+    probe, weight = columns["node_probe"], columns["node_weight"]
+    probes, iters = columns.get("density_probes", np.zeros(0, np.int64)), columns.get("density_iters")
+    if int(owner[-1]) >= len(probes):
+        raise bad(f"column 'node_density' names density {int(owner[-1])} of {len(probes)} recorded")
+    if bool((probe >= probes[owner]).any()):
+        i = int(np.argmax(probe >= probes[owner]))
+        raise bad(
+            f"column 'node_probe' names probe {int(probe[i])} of density {int(owner[i])}, "
+            f"which has {int(probes[owner[i]])} probes"
+        )
+    same = owner[1:] == owner[:-1]
+    if bool((same & (probe[1:] < probe[:-1])).any()):
+        raise bad("column 'node_probe' is not in order within a density")
+    # one run of rows per (density, probe): starts where either changes
+    starts = np.flatnonzero(np.concatenate([[True], ~same | (probe[1:] != probe[:-1])]))
+    counts = np.diff(np.append(starts, len(owner)))
+    run_owner = owner[starts]
+    if iters is not None and bool((counts > iters[run_owner]).any()):
+        i = int(np.argmax(counts > iters[run_owner]))
+        raise bad(f"density {int(run_owner[i])} has {int(counts[i])} nodes on one probe, more than its iters")
+    per_density = np.bincount(run_owner, minlength=len(probes))
+    has = per_density > 0
+    if bool((per_density[has] != probes[has]).any()):
+        d = int(np.flatnonzero(has & (per_density != probes))[0])
+        raise bad(f"density {d} has nodes for {int(per_density[d])} of its {int(probes[d])} probes")
+    sums = np.add.reduceat(weight.astype(np.float64), starts)
+    if bool((np.abs(sums - 1.0) > WEIGHT_SUM_TOLERANCE).any()):
+        i = int(np.argmax(np.abs(sums - 1.0)))
+        raise bad(
+            f"the weights of probe {int(probe[starts[i]])} of density {int(run_owner[i])} sum to {float(sums[i])!r}, not 1"
+        )
 
 
 def check_layout(layout: Mapping[str, tuple[str, tuple[int, ...]]], bad: Callable[[str], Exception]) -> dict[str, int]:

@@ -16,6 +16,7 @@ import numpy as np
 from . import _history_file
 from ._columns import (
     DIRECTIONAL_KINDS,
+    DTYPE_CODES,
     HVP_BACKEND_CODES,
     SCHEMA_VERSION,
     TABLES,
@@ -75,7 +76,9 @@ class HistoryReads:
         return f"History({rows['measurements']} measurements, {rows['secant']} secant estimates, {rows['events']} guard events)"
 
     def columns(self, table: str = "measurements") -> list[str]:
-        """The column names of ``table`` ("measurements", "secant" or "events")."""
+        """The column names of ``table`` (one of :data:`stableopt._columns.TABLES`:
+        "measurements", "secant", "events", "directional", "tracking", "density",
+        "density_nodes")."""
         if table not in _TABLES:
             raise ValueError(f"table must be one of {_TABLES}, got {table!r}")
         names = list(self._t.cols[table])
@@ -131,6 +134,49 @@ class HistoryReads:
     def tracking(self) -> dict[str, np.ndarray]:
         """The tracked estimates: ``{"track_step", "track", "track_ratio", "track_residual", "track_hvps"}``."""
         return self.to_dict("tracking")
+
+    def densities(self) -> list[Any]:
+        """The recorded spectral densities (``opt.spectral_density()`` calls), oldest first, as
+        :class:`stableopt.DensityReport` objects equal to the ones the calls returned.
+
+        Example:
+            >>> import torch, stableopt
+            >>> w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+            >>> opt = stableopt.SGD([w], lr=0.1)
+            >>> rep = opt.spectral_density(lambda: 2.0 * w[0] ** 2 + 0.5 * w[1] ** 2, probes=2, iters=5)
+            >>> opt.history.densities() == [rep]
+            True
+        """
+        from .density import DensityReport
+
+        runs = self.to_dict("density")
+        nodes = self.to_dict("density_nodes")
+        backends = {code: name for name, code in HVP_BACKEND_CODES.items()}
+        dtypes = {code: name for name, code in DTYPE_CODES.items()}
+        # the node rows of density i are a contiguous slice (node_density never decreases)
+        bounds = np.searchsorted(nodes["node_density"], np.arange(len(runs["density_step"]) + 1))
+        out = []
+        for i in range(len(runs["density_step"])):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            probe, theta, weight = nodes["node_probe"][lo:hi], nodes["node"][lo:hi], nodes["node_weight"][lo:hi]
+            out.append(
+                DensityReport(
+                    int(runs["density_step"][i]),
+                    tuple(tuple(theta[probe == p].tolist()) for p in range(int(probe.max()) + 1 if hi > lo else 0)),
+                    tuple(tuple(weight[probe == p].tolist()) for p in range(int(probe.max()) + 1 if hi > lo else 0)),
+                    int(runs["density_probes"][i]),
+                    int(runs["density_iters"][i]),
+                    int(runs["density_hvps"][i]),
+                    preconditioned=bool(runs["density_preconditioned"][i]),
+                    size=int(runs["density_size"][i]),
+                    seconds=float(runs["density_seconds"][i]),
+                    loss=float(runs["density_loss"][i]),
+                    dtype=dtypes.get(int(runs["density_dtype"][i]), "unknown"),
+                    hvp_backend=backends.get(int(runs["density_hvp_backend"][i]), "unknown"),
+                    threshold=float(runs["density_threshold"][i]),
+                )
+            )
+        return out
 
     def secant(self) -> dict[str, np.ndarray]:
         """The per-step secant estimates: ``{"secant_step", "secant", "secant_ratio"}``."""

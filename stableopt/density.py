@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,9 @@ class DensityReport(MeasurementInfo):
         weights: per probe, the quadrature weights w_j (each probe's sum to 1).
         probes: the probes asked for.
         iters: the Lanczos steps per probe asked for (``hvps``: the products spent).
+        threshold: the stability threshold τ on P⁻¹H when ``preconditioned`` and every param
+            group has the same τ (keyword-only); NaN otherwise (a density of H, or groups with
+            different thresholds, whose edge is not one point on this axis).
         preconditioned: the density of the eigenvalues of P⁻¹H (else of H); the other
             :class:`~stableopt.trace.MeasurementInfo` fields as there.
     """
@@ -79,6 +82,7 @@ class DensityReport(MeasurementInfo):
     probes: int
     iters: int
     hvps: int
+    threshold: float = field(default=math.nan, kw_only=True)
 
     def _flat(self) -> tuple[np.ndarray, np.ndarray]:
         theta = np.array([x for row in self.nodes for x in row], dtype=np.float64)
@@ -123,7 +127,8 @@ class DensityReport(MeasurementInfo):
     def __str__(self) -> str:
         what = "P⁻¹H" if self.preconditioned else "H"
         lo, hi = self.support
+        edge = f", top node / threshold {hi / self.threshold:.3f}" if math.isfinite(self.threshold) else ""
         return (
             f"step {self.step}: spectral density of {what} from {self.probes} probes × {self.iters} Lanczos steps: "
-            f"support [{lo:.4g}, {hi:.4g}], mean {self.moment(1):.4g} ({self.hvps} HVPs, {self.seconds:.3f} s)"
+            f"support [{lo:.4g}, {hi:.4g}], mean {self.moment(1):.4g}{edge} ({self.hvps} HVPs, {self.seconds:.3f} s)"
         )

@@ -45,9 +45,15 @@ def add_directional_rows(grid: Any, history: Any) -> None:
         )
 
 
-def plot_directional(history: Any, ax: Any) -> None:
-    """Draw each measured direction's uᵀHu/uᵀPu on ``ax`` (the λ_max(P⁻¹H) panel)."""
+def plot_directional(history: Any, ax: Any) -> float:
+    """Draw each measured direction's uᵀHu/uᵀPu on ``ax`` (the λ_max(P⁻¹H) panel); returns the
+    largest finite value drawn (NaN: none).
+
+    A history without λ_max measurements also gets the threshold the directional ratios imply
+    (value / ratio, dashed), so the panel still shows where the edge is."""
     colors = {"update": "C1", "gradient": "C4", "explicit": "C5"}
+    top = math.nan
+    measured = len(history.column("step")) > 0
     for kind, cols in _by_kind(history):
         ok = np.isfinite(cols["directional"])
         ax.plot(
@@ -58,3 +64,14 @@ def plot_directional(history: Any, ax: Any) -> None:
             lw=0.7,
             label=f"along the {kind} (lower bound)",
         )
+        if ok.any():
+            top = float(np.nanmax([top, float(cols["directional"][ok].max())]))
+        if not measured:
+            with np.errstate(all="ignore"):
+                tau = cols["directional"] / cols["directional_ratio"]
+            good = np.isfinite(tau) & (tau > 0)
+            if good.any():
+                label = "threshold" if "threshold" not in ax.get_legend_handles_labels()[1] else None
+                ax.plot(cols["directional_step"][good], tau[good], color="black", ls="--", lw=1.2, label=label)
+                top = float(np.nanmax([top, float(tau[good].max())]))
+    return top

@@ -23,6 +23,7 @@ from torch import Tensor
 from .backends import BackendChoice, check_backend
 from .density import DensityReport, lanczos_quadrature
 from .operator import MeasuredGroup, measure
+from .sharpness import common_threshold
 from .trace import METHODS, TraceReport, hutch_plus_plus, hutchinson
 
 __all__ = ["EstimatorsMixin", "estimate_density", "estimate_trace"]
@@ -163,6 +164,7 @@ def estimate_density(
             loss=m.loss,
             dtype=str(m.space.dtype).replace("torch.", ""),
             hvp_backend=m.backend,
+            threshold=common_threshold(groups) if preconditioned else math.nan,
         )
 
 
@@ -172,6 +174,7 @@ class EstimatorsMixin:
     _stableopt_step: int
     _stableopt_backend: BackendChoice
     _sharpness_groups: Callable[[], list[MeasuredGroup]]
+    history: Any
 
     def hessian_trace(
         self,
@@ -223,12 +226,14 @@ class EstimatorsMixin:
 
         ``probes`` Rademacher probes × ``iters`` Lanczos steps (about probes·iters
         Hessian-vector products). Returns a :class:`stableopt.DensityReport` with the Ritz
-        ``nodes`` and ``weights`` of each probe and ``density(grid, sigma)``; draw it with
-        :func:`stableopt.plot_density`. Side-effect free like :meth:`sharpness`.
+        ``nodes`` and ``weights`` of each probe, ``density(grid, sigma)`` and the ``threshold``
+        (with one common τ); draw it with :func:`stableopt.plot_density`. The report is also
+        recorded in :attr:`history` (``history.densities()``; ``stableopt report --plot`` draws
+        the latest). Side-effect free like :meth:`sharpness`.
         """
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        return estimate_density(
+        report = estimate_density(
             loss_fn,
             self._sharpness_groups(),
             preconditioned=preconditioned,
@@ -240,3 +245,5 @@ class EstimatorsMixin:
             step=self._stableopt_step,
             seed=seed,
         )
+        self.history.append_density(report)
+        return report

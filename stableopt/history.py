@@ -1,6 +1,6 @@
 """Every measurement an optimizer takes, as append-only columns that save to safetensors.
 
-``opt.history`` is a :class:`History`. It has five tables of 1-D columns:
+``opt.history`` is a :class:`History`. It has seven tables of 1-D columns:
 
 * measurements (one row per ``opt.sharpness()`` call, manual or scheduled by a monitor):
   ``step``, ``loss`` (on the probe data), ``preconditioned`` (λ_max(P⁻¹H)), ``raw`` (λ_max(H),
@@ -23,6 +23,16 @@
 * tracking (one row per step of a monitor with ``budget=``, :mod:`stableopt.tracking`):
   ``track_step``, ``track`` (the tracked λ_max estimate), ``track_ratio``, ``track_residual``
   (its relative residual bound) and ``track_hvps``;
+* density (one row per ``opt.spectral_density()`` call, :mod:`stableopt.density`):
+  ``density_step``, ``density_preconditioned``, ``density_probes``, ``density_iters``,
+  ``density_hvps``, ``density_size`` (n), ``density_seconds``, ``density_loss``,
+  ``density_threshold`` (τ for a preconditioned density with one common threshold, else NaN),
+  ``density_hvp_backend`` and ``density_dtype`` (codes:
+  :data:`~stableopt._columns.DTYPE_CODES`);
+* density_nodes (one row per Ritz node of a density): ``node_density`` (the row of its
+  density), ``node_probe``, ``node`` (θ_j) and ``node_weight`` (w_j). :meth:`History.densities`
+  gives both tables back as :class:`~stableopt.DensityReport` objects, which
+  ``stableopt report --plot`` draws;
 * events (guard actions): ``event_step``, ``event_group``, ``event_old_factor``,
   ``event_new_factor``, ``event_ratio`` and a reason string each.
 
@@ -51,13 +61,16 @@ import numpy as np
 from . import _history_file
 from ._columns import (  # noqa: F401 - the column tables are part of this module's API
     BLOCK_COLUMN,
+    DENSITY_COLUMNS,
     DIRECTIONAL_COLUMNS,
     DIRECTIONAL_KINDS,
+    DTYPE_CODES,
     DYNAMIC_PREFIXES,
     EVENT_COLUMNS,
     HVP_BACKEND_CODES,
     MAX_REASON_CHARS,
     MEASUREMENT_COLUMNS,
+    NODE_COLUMNS,
     OPTIONAL_COLUMNS,
     OPTIONAL_TABLES,
     SCHEMA_VERSION,
@@ -65,6 +78,7 @@ from ._columns import (  # noqa: F401 - the column tables are part of this modul
     TABLES,
     TRACK_COLUMNS,
     Tables,
+    check_columns,
     check_row,
     dynamic_order,
     is_dynamic,
@@ -207,6 +221,50 @@ class History(HistoryReads):
             "tracking",
             {"track_step": step, "track": value, "track_ratio": ratio, "track_residual": residual, "track_hvps": hvps},
         )
+
+    def append_density(self, report: Any) -> None:
+        """Record a :class:`~stableopt.DensityReport`: one density row and one node row per Ritz
+        node, all or nothing (checked first; an interrupt before the final commit adds no row to
+        either table). A failed measurement (no nodes) is recorded with no node rows."""
+        t = self._t
+        runs, count = t.rows["density"], t.rows["density_nodes"]
+        nodes = [(p, x, w) for p, (xs, ws) in enumerate(zip(report.nodes, report.weights)) for x, w in zip(xs, ws)]
+        run = {
+            "density_step": report.step,
+            "density_preconditioned": report.preconditioned,
+            "density_probes": report.probes,
+            "density_iters": report.iters,
+            "density_hvps": report.hvps,
+            "density_size": report.size,
+            "density_seconds": report.seconds,
+            "density_loss": report.loss,
+            "density_threshold": getattr(report, "threshold", math.nan),
+            "density_hvp_backend": HVP_BACKEND_CODES.get(getattr(report, "hvp_backend", ""), -1),
+            "density_dtype": DTYPE_CODES.get(getattr(report, "dtype", ""), -1),
+        }
+        # this density alone, as row 0, with its nodes: the same checks as a file gets
+        new: dict[str, np.ndarray] = {
+            name: np.array([typed(tc, run[name])], dtype=_NP[tc]) for name, tc in DENSITY_COLUMNS.items()
+        }
+        new["node_density"] = np.zeros(len(nodes), np.int64)
+        new["node_probe"] = np.array([p for p, _, _ in nodes], np.int64)
+        new["node"] = np.array([x for _, x, _ in nodes], np.float64)
+        new["node_weight"] = np.array([w for _, _, w in nodes], np.float64)
+
+        def bad(problem: str) -> ValueError:
+            return ValueError(f"History: cannot record this density: {problem}")
+
+        check_columns(new, bad)
+        previous = t.cols["density"]["density_step"][runs - 1] if runs else None
+        problem = check_row("density_step", float(report.step), previous)
+        if problem is not None:
+            raise bad(problem)
+        new["node_density"] += runs
+        for table, n in (("density", runs), ("density_nodes", count)):
+            for name, col in t.cols[table].items():
+                del col[n:]  # what an interrupted append left
+                col.frombytes(np.ascontiguousarray(new[name], dtype=np.int8 if col.typecode == "b" else None).tobytes())
+        t.rows = {**t.rows, "density": runs + 1, "density_nodes": count + len(nodes)}  # one commit
 
     def append_event(
         self, step: int, group: int, old_factor: float, new_factor: float, ratio: float, reason: str

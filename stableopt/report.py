@@ -142,6 +142,13 @@ def render_report(history: Any, *, title: str | Text | None = None, spark_width:
             "No measurements yet: call opt.sharpness(loss_fn) or opt.monitor(loss_fn, every=N).",
             style="dim",
         )
+        extra = Table.grid(padding=(0, 2))  # what other tables hold (directional, density...)
+        extra.add_column(style="bold", no_wrap=True)
+        extra.add_column()
+        add_directional_rows(extra, history)
+        add_estimator_rows(extra, history)
+        if extra.row_count:
+            body = Group(body, Text(""), extra)
         return Panel(body, title=title, title_align="left", border_style="dim")
     cols = history.to_dict()
     steps = cols["step"]

@@ -1,8 +1,9 @@
-"""Report rows of the extra estimators: per-block sharpness (sorted by ratio) and the tracked λ_max.
+"""Report rows of the extra estimators: per-block sharpness (sorted by ratio), the tracked λ_max
+and the latest spectral density.
 
 :func:`add_estimator_rows` is called by :func:`stableopt.render_report` and reads only history
-columns (``block_<name>_ratio``/``_lmax`` and the tracking table), so a saved history shows the
-same rows as a live one.
+columns (``block_<name>_ratio``/``_lmax``, the tracking and density tables), so a saved history
+shows the same rows as a live one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from rich.table import Table
 from rich.text import Text
 
+from .density_view import add_density_rows
 from .monitor import zone
 
 __all__ = ["add_estimator_rows", "block_table", "latest_blocks"]
@@ -73,7 +75,8 @@ def block_table(history: Any) -> Table | None:
 
 
 def add_estimator_rows(grid: Table, history: Any) -> None:
-    """Add the block table and the tracking line (when the history has them) to ``grid``."""
+    """Add the block table, the tracking line and the density line (when the history has them)
+    to ``grid``."""
     table = block_table(history)
     if table is not None:
         grid.add_row("per block", table)
@@ -90,3 +93,4 @@ def add_estimator_rows(grid: Table, history: Any) -> None:
                 (f"\n{len(track['track_step'])} steps, ≤ {int(track['track_hvps'].max())} HVPs each", "dim"),
             ),
         )
+    add_density_rows(grid, history)

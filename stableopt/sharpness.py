@@ -30,7 +30,7 @@ from .backends import BackendChoice
 from .eigen import LanczosResult, lanczos
 from .operator import CurvatureOperator, MeasuredGroup, Measurement, measure
 
-__all__ = ["SharpnessGroup", "SharpnessReport", "estimate_sharpness", "warm_start_vector"]
+__all__ = ["SharpnessGroup", "SharpnessReport", "common_threshold", "estimate_sharpness", "warm_start_vector"]
 
 #: Relative weight of the previous second Ritz vector in a warm start vector. Eigenvalues near
 #: the edge crowd (λ2/λ1 → 1) and cross; starting with a sizeable component along the old
@@ -120,7 +120,7 @@ def _nan_report(
     return SharpnessReport(
         step=step,
         preconditioned=nan,
-        threshold=_common_threshold(groups),
+        threshold=common_threshold(groups),
         ratio=nan,
         raw=nan if raw else None,
         eigenvalues=(nan,) * k,
@@ -135,7 +135,13 @@ def _nan_report(
     )
 
 
-def _common_threshold(groups: Sequence[SharpnessGroup]) -> float:
+def common_threshold(groups: Sequence[SharpnessGroup]) -> float:
+    """The threshold τ every group with parameters shares (to 1e-12 relative), else NaN.
+
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> common_threshold([SharpnessGroup([w], [torch.ones(2)], threshold=380.0)] * 2)
+    380.0
+    """
     taus = [float(g.threshold) for g in groups if len(g.params)]
     if not taus:
         return math.nan
@@ -294,7 +300,7 @@ def _estimate(
         return res
 
     results = [solve(m.operator("preconditioned"), k)]
-    common = _common_threshold(groups)
+    common = common_threshold(groups)
     if math.isnan(common):
         results.append(solve(m.operator("ratio"), 1))
     if raw:

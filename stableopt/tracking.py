@@ -174,11 +174,11 @@ def track(
         not passed to measurement hooks: the guard and the measurements table see only full
         measurements).
     """
-    from .sharpness import SharpnessReport, _common_threshold
+    from .sharpness import SharpnessReport, common_threshold
 
     t0 = time.perf_counter()
     groups = optimizer._sharpness_groups()
-    common = _common_threshold(groups)
+    common = common_threshold(groups)
     warm = optimizer.warm_starts
     if tracker.x is None and key in warm:
         tracker.x = warm[key][0].clone()

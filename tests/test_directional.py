@@ -306,6 +306,31 @@ def test_report_and_plot_show_the_directional_measurements(tmp_path):
     assert "along the gradient (lower bound)" in labels
 
 
+def test_a_history_of_directional_measurements_only_reports_and_plots_them(tmp_path):
+    pytest.importorskip("matplotlib")
+    from rich.console import Console
+
+    _, _, _, loss_fn, opt = _setup("Adam", nn.Tanh, "mse", torch.float64, dict(lr=1e-2), False)
+    reps = [opt.directional_sharpness(loss_fn, "gradient")]
+    opt.zero_grad()
+    loss_fn().backward()
+    opt.step()
+    reps.append(opt.directional_sharpness(loss_fn, "gradient"))
+    assert len(opt.history) == 0  # no λ_max measurement at all
+    console = Console(record=True, width=140, color_system=None)
+    console.print(stableopt.render_report(opt.history))
+    text = console.export_text()
+    assert "No measurements yet" in text and "along the gradient" in text and f"{reps[-1].ratio:.3f}" in text
+    fig = stableopt.plot_history(opt.history, tmp_path / "d.png")
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"along the gradient (lower bound)", "threshold"}
+    assert lines["along the gradient (lower bound)"].get_ydata().tolist() == [r.value for r in reps]
+    # the threshold the ratios imply is Adam's τ = (2 + 2β1)/((1 − β1)η), from the formula
+    tau = (2 + 2 * 0.9) / ((1 - 0.9) * 1e-2)
+    assert np.allclose(lines["threshold"].get_ydata(), tau, rtol=1e-12)
+
+
 def _quadratic(a):
     """f = ½ Σ a_i x_i² at x = 1 (H = diag(a)), and its SGD optimizer with lr 0.03 (τ = 2/0.03)."""
     w = nn.Parameter(torch.ones(len(a), dtype=torch.float64))

@@ -43,6 +43,7 @@ def _history(events=True):
         opt.step()
     if events:
         opt.history.append_event(3, 0, 1.0, 0.5, 1.5, "cut")
+    opt.spectral_density(loss_fn, probes=2, iters=3)  # the density tables: 2 probes × 3 nodes
     return opt
 
 
@@ -145,6 +146,48 @@ def _cases(tmp, good):
         "factor-negative",
         "'event_new_factor' holds values outside",
         tensors={**tensors, "event_new_factor": -tensors["event_new_factor"]},
+    )
+    # the density tables: each column's rules, and the nodes against their densities
+    nodes = {k: v for k, v in tensors.items() if k.startswith("node")}
+    st("node-orphan", "names density 1 of 1 recorded", tensors={**tensors, "node_density": nodes["node_density"] + 1})
+    st(
+        "node-without-density",
+        "names density 0 of 0 recorded",
+        tensors={k: v for k, v in tensors.items() if not k.startswith("density_")},
+    )
+    st("node-probe", "names probe 2 of density 0", tensors={**tensors, "node_probe": nodes["node_probe"] + 1})
+    st("node-weights", "sum to", tensors={**tensors, "node_weight": nodes["node_weight"] * 0.5})
+    st("node-inf", "'node' holds NaN or infinite", tensors={**tensors, "node": np.full(6, np.inf)})
+    st("node-weight-nan", "'node_weight' holds NaN", tensors={**tensors, "node_weight": np.full(6, np.nan)})
+    st(
+        "node-probe-order",
+        "not in order within a density",
+        tensors={**tensors, "node_probe": nodes["node_probe"][::-1].copy()},
+    )
+    st(
+        "node-missing-probe",
+        "has nodes for 1 of its 2 probes",
+        tensors={**tensors, **{k: v[:3].copy() for k, v in nodes.items()}},
+    )
+    st(
+        "node-over-iters",
+        "more than its iters",
+        tensors={**tensors, "density_iters": np.full(1, 2, np.int64)},
+    )
+    st(
+        "density-partial",
+        "without the column(s) ['density_iters']",
+        tensors={k: v for k, v in tensors.items() if k != "density_iters"},
+    )
+    st(
+        "density-probes-zero",
+        "'density_probes' holds values outside",
+        tensors={**tensors, "density_probes": np.zeros(1, np.int64)},
+    )
+    st(
+        "density-dtype-code",
+        "'density_dtype' holds values outside",
+        tensors={**tensors, "density_dtype": np.full(1, 7, np.int64)},
     )
     return cases
 
@@ -316,6 +359,10 @@ def test_extreme_but_valid_values_render(tmp_path, good, capsys):
         **tensors,
         "ratio": np.array([1e308, -1e308, np.inf, -np.inf, np.nan][:n] + [1.0] * max(0, n - 5)),
         "raw": np.array([-1e308, 1e308, 5e-324][:n] + [1.0] * max(0, n - 3)),
+        # nodes whose range overflows float64 (not drawable: left out of the plot), a huge τ
+        "node": np.array([-1e308, 0.0, 1e308, -5e-324, 1.0, 1.7e308]),
+        "density_threshold": np.array([1e308]),
+        "density_seconds": np.array([1e308]),
     }
     path = tmp_path / "extreme.safetensors"
     save_file(extreme, str(path), metadata=meta)

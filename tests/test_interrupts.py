@@ -206,6 +206,36 @@ def test_an_interrupted_append_adds_a_whole_row_or_none(tmp_path):
         assert History.load(tmp_path / "h.safetensors").column("step").tolist() == steps
 
 
+def _density(step):
+    return stableopt.DensityReport(step, ((1.0, 2.0), (0.5, 3.0)), ((0.25, 0.75), (0.5, 0.5)), 2, 2, 4, size=3)
+
+
+def test_an_interrupted_density_append_adds_a_whole_density_or_none(tmp_path):
+    files = _files(stableopt.history, stableopt._columns)
+    for _ in range(2):  # the second run counts (caches filled by the first)
+        probe = History()
+        probe.append_density(_density(0))
+        counter = Injector(files)
+        counter.run(lambda probe=probe: probe.append_density(_density(1)))
+    rng = random.Random(SEED)
+    for at in sorted(rng.sample(range(1, counter.count + 1), min(counter.count, 120))):
+        h = History()
+        h.append_density(_density(0))
+        injector = Injector(files, at)
+        try:
+            injector.run(lambda h=h: h.append_density(_density(1)))
+        except KeyboardInterrupt:
+            pass
+        assert injector.fired
+        steps = [d.step for d in h.densities()]
+        assert steps in ([0], [0, 1]) and len(h.column("node")) == 4 * len(steps)
+        h.append_density(_density(2))  # the next append drops whatever the interrupted one left
+        steps = [d.step for d in h.densities()]
+        assert steps in ([0, 2], [0, 1, 2]) and h.column("node_density").tolist()[-4:] == [len(steps) - 1] * 4
+        h.save(tmp_path / "h.safetensors")
+        assert [d.step for d in History.load(tmp_path / "h.safetensors").densities()] == steps
+
+
 def test_an_interrupted_history_load_state_dict_is_all_old_or_all_new():
     old, new = History(), History()
     for i in range(3):
