@@ -271,9 +271,10 @@ def check_density(columns: Mapping[str, np.ndarray], bad: Callable[[str], Except
     if owner is None or not len(owner):
         return
     probe, weight = columns["node_probe"], columns["node_weight"]
-    probes, iters = columns.get("density_probes", np.zeros(0, np.int64)), columns.get("density_iters")
+    probes = columns.get("density_probes", np.zeros(0, np.int64))
     if int(owner[-1]) >= len(probes):
         raise bad(f"column 'node_density' names density {int(owner[-1])} of {len(probes)} recorded")
+    iters = columns["density_iters"]  # the density table is there (check_layout: all columns or none)
     if bool((probe >= probes[owner]).any()):
         i = int(np.argmax(probe >= probes[owner]))
         raise bad(
@@ -287,7 +288,7 @@ def check_density(columns: Mapping[str, np.ndarray], bad: Callable[[str], Except
     starts = np.flatnonzero(np.concatenate([[True], ~same | (probe[1:] != probe[:-1])]))
     counts = np.diff(np.append(starts, len(owner)))
     run_owner = owner[starts]
-    if iters is not None and bool((counts > iters[run_owner]).any()):
+    if bool((counts > iters[run_owner]).any()):
         i = int(np.argmax(counts > iters[run_owner]))
         raise bad(f"density {int(run_owner[i])} has {int(counts[i])} nodes on one probe, more than its iters")
     per_density = np.bincount(run_owner, minlength=len(probes))

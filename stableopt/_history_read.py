@@ -57,6 +57,17 @@ class GuardEvent:
         return asdict(self)
 
 
+def _by_probe(values: np.ndarray, probe: np.ndarray) -> tuple[tuple[float, ...], ...]:
+    """``values`` cut into one tuple per probe (``probe`` never decreases within a density).
+
+    >>> _by_probe(np.array([1.0, 2.0, 3.0]), np.array([0, 0, 1]))
+    ((1.0, 2.0), (3.0,))
+    """
+    if not len(values):
+        return ()
+    return tuple(tuple(r.tolist()) for r in np.split(values, np.flatnonzero(np.diff(probe)) + 1))
+
+
 class HistoryReads:
     """Reading a history's tables (see :class:`stableopt.History`)."""
 
@@ -157,13 +168,13 @@ class HistoryReads:
         bounds = np.searchsorted(nodes["node_density"], np.arange(len(runs["density_step"]) + 1))
         out = []
         for i in range(len(runs["density_step"])):
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
-            probe, theta, weight = nodes["node_probe"][lo:hi], nodes["node"][lo:hi], nodes["node_weight"][lo:hi]
+            part = slice(int(bounds[i]), int(bounds[i + 1]))
+            probe = nodes["node_probe"][part]
             out.append(
                 DensityReport(
                     int(runs["density_step"][i]),
-                    tuple(tuple(theta[probe == p].tolist()) for p in range(int(probe.max()) + 1 if hi > lo else 0)),
-                    tuple(tuple(weight[probe == p].tolist()) for p in range(int(probe.max()) + 1 if hi > lo else 0)),
+                    _by_probe(nodes["node"][part], probe),
+                    _by_probe(nodes["node_weight"][part], probe),
                     int(runs["density_probes"][i]),
                     int(runs["density_iters"][i]),
                     int(runs["density_hvps"][i]),

@@ -28,7 +28,25 @@ from .krylov import tridiagonalize
 from .linear_operator import LinearOperator
 from .trace import MeasurementInfo, rademacher
 
-__all__ = ["DensityReport", "lanczos_quadrature"]
+__all__ = ["DensityReport", "check_sigma", "lanczos_quadrature", "smoothing_width"]
+
+
+def smoothing_width(lo: float, hi: float) -> float:
+    """The default Gaussian width for nodes in [lo, hi]: 1/100 of the range (1e-3 of the scale
+    if the range is a point).
+
+    >>> smoothing_width(0.0, 5.0), smoothing_width(2.0, 2.0)
+    (0.05, 0.002)
+    """
+    width = hi - lo
+    return width / 100 if width > 0 else max(abs(hi), 1.0) * 1e-3
+
+
+def check_sigma(sigma: Any) -> float:
+    """``sigma`` if it is a positive finite number; ValueError otherwise."""
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+    return float(sigma)
 
 
 def lanczos_quadrature(
@@ -102,9 +120,7 @@ class DensityReport(MeasurementInfo):
 
     def default_sigma(self) -> float:
         """The default Gaussian width: 1/100 of the node range (1e-3 of the scale if flat)."""
-        lo, hi = self.support
-        width = hi - lo
-        return width / 100 if width > 0 else max(abs(hi), 1.0) * 1e-3
+        return smoothing_width(*self.support)
 
     def density(self, grid: Sequence[float] | np.ndarray | Any, sigma: float | None = None) -> np.ndarray:
         """φ_σ(t) = Σ_j w_j·N(t; θ_j, σ²), averaged over probes, at each point of ``grid``.
@@ -115,10 +131,7 @@ class DensityReport(MeasurementInfo):
         >>> rep.density([0.0, 0.5], sigma=0.1).round(3).tolist()
         [1.995, 0.0]
         """
-        if sigma is None:
-            sigma = self.default_sigma()
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+        sigma = check_sigma(self.default_sigma() if sigma is None else sigma)
         t = np.asarray(grid, dtype=np.float64).reshape(-1, 1)
         theta, w = self._flat()
         z = (t - theta[None, :]) / sigma

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .density import check_sigma, smoothing_width
+
 __all__ = ["MAX_DRAWN", "add_density_rows", "densities_to_draw", "draw_densities"]
 
 #: the history figure overlays at most this many densities (spread over the run, the latest last)
@@ -30,8 +32,6 @@ def densities_to_draw(history: Any) -> list[Any]:
     >>> densities_to_draw(stableopt.History())
     []
     """
-    if "density_step" not in history:  # a history from before the density table
-        return []
     # with nodes, and a node range that a float64 grid can hold (a file may hold ±1e308)
     reports = [d for d in history.densities() if any(d.nodes) and math.isfinite(d.support[1] - d.support[0])]
     kind = [d for d in reports if d.preconditioned] or reports
@@ -50,13 +50,6 @@ def _tick(x: float) -> str:
     return f"{x:,.0f}" if 1e3 <= abs(x) < 1e7 else f"{x:.4g}"
 
 
-def _sigma(reports: Sequence[Any]) -> float:
-    """One Gaussian width for all ``reports``: 1/100 of their common node range."""
-    lo = min(d.support[0] for d in reports)
-    hi = max(d.support[1] for d in reports)
-    return (hi - lo) / 100 if hi > lo else max(abs(hi), 1.0) * 1e-3
-
-
 def draw_densities(
     ax: Any,
     reports: Sequence[Any],
@@ -64,39 +57,37 @@ def draw_densities(
     sigma: float | None = None,
     points: int = 600,
     threshold: float | None = None,
-    labels: bool = True,
 ) -> float:
-    """Draw the smoothed density of each report on ``ax`` (log y axis); returns σ.
+    """Draw the smoothed density of each report on ``ax`` (log y axis); returns σ (default:
+    :func:`~stableopt.density.smoothing_width` of all the reports' nodes).
 
     Each report's nodes are ticks at the bottom. ``threshold`` draws one vertical line; without
     it, each report's own finite ``threshold`` is drawn (one black line when they agree). With
-    ``labels`` and several reports, each curve is labelled with its step.
+    several reports, each curve is labelled with its step.
     """
-    sigma = _sigma(reports) if sigma is None else sigma
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be a positive number, got {sigma!r}")
     if isinstance(points, bool) or not isinstance(points, int) or points < 2:
         raise ValueError(f"points must be an integer >= 2, got {points!r}")
     lo = min(d.support[0] for d in reports)
     hi = max(d.support[1] for d in reports)
+    sigma = check_sigma(smoothing_width(lo, hi) if sigma is None else sigma)
     grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, points)
     curves = [d.density(grid, sigma) for d in reports]
     floor = max(max(float(phi.max()) for phi in curves) * 1e-8, 1e-300)
     several = len(reports) > 1
     for i, (d, phi) in enumerate(zip(reports, curves)):
         color = f"C{i}" if several else "C0"
-        label = f"step {d.step}" if (labels and several) else None
+        label = f"step {d.step}" if several else None
         ax.semilogy(grid, np.maximum(phi, floor), color=color, lw=1.4, label=label)
         for row in d.nodes:
             ax.plot(row, np.full(len(row), floor), "|", color=color, alpha=0.4, ms=8)
-    own = [float(d.threshold) for d in reports if math.isfinite(getattr(d, "threshold", math.nan))]
+    own = [float(d.threshold) for d in reports if math.isfinite(d.threshold)]
     if threshold is not None:
         ax.axvline(threshold, color="black", ls="--", lw=1.0, label=f"threshold {_tick(threshold)}")
     elif own and max(own) - min(own) <= 1e-12 * max(abs(t) for t in own):
         ax.axvline(own[-1], color="black", ls="--", lw=1.0, label=f"threshold τ = {_tick(own[-1])}")
     else:
         for i, d in enumerate(reports):
-            if math.isfinite(getattr(d, "threshold", math.nan)):
+            if math.isfinite(d.threshold):
                 color = f"C{i}" if several else "C0"
                 ax.axvline(d.threshold, color=color, ls="--", lw=0.8, label=f"τ at step {d.step}")
     if ax.get_legend_handles_labels()[0]:
@@ -113,8 +104,6 @@ def add_density_rows(grid: Any, history: Any) -> None:
 
     from .report import _num
 
-    if "density_step" not in history:
-        return
     reports = history.densities()
     if not reports:
         return

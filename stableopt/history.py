@@ -228,7 +228,15 @@ class History(HistoryReads):
         either table). A failed measurement (no nodes) is recorded with no node rows."""
         t = self._t
         runs, count = t.rows["density"], t.rows["density_nodes"]
-        nodes = [(p, x, w) for p, (xs, ws) in enumerate(zip(report.nodes, report.weights)) for x, w in zip(xs, ws)]
+        per_probe = [len(xs) for xs in report.nodes]
+
+        def bad(problem: str) -> ValueError:
+            return ValueError(f"History: cannot record this density: {problem}")
+
+        if per_probe != [len(ws) for ws in report.weights]:
+            raise bad(
+                f"nodes and weights differ in shape ({per_probe} nodes per probe, weights {report.weights!r:.80})"
+            )
         run = {
             "density_step": report.step,
             "density_preconditioned": report.preconditioned,
@@ -238,22 +246,18 @@ class History(HistoryReads):
             "density_size": report.size,
             "density_seconds": report.seconds,
             "density_loss": report.loss,
-            "density_threshold": getattr(report, "threshold", math.nan),
-            "density_hvp_backend": HVP_BACKEND_CODES.get(getattr(report, "hvp_backend", ""), -1),
-            "density_dtype": DTYPE_CODES.get(getattr(report, "dtype", ""), -1),
+            "density_threshold": report.threshold,
+            "density_hvp_backend": HVP_BACKEND_CODES.get(report.hvp_backend, -1),
+            "density_dtype": DTYPE_CODES.get(report.dtype, -1),
         }
         # this density alone, as row 0, with its nodes: the same checks as a file gets
         new: dict[str, np.ndarray] = {
             name: np.array([typed(tc, run[name])], dtype=_NP[tc]) for name, tc in DENSITY_COLUMNS.items()
         }
-        new["node_density"] = np.zeros(len(nodes), np.int64)
-        new["node_probe"] = np.array([p for p, _, _ in nodes], np.int64)
-        new["node"] = np.array([x for _, x, _ in nodes], np.float64)
-        new["node_weight"] = np.array([w for _, _, w in nodes], np.float64)
-
-        def bad(problem: str) -> ValueError:
-            return ValueError(f"History: cannot record this density: {problem}")
-
+        new["node_density"] = np.zeros(sum(per_probe), np.int64)
+        new["node_probe"] = np.repeat(np.arange(len(per_probe), dtype=np.int64), per_probe)
+        new["node"] = np.array([x for xs in report.nodes for x in xs], np.float64)
+        new["node_weight"] = np.array([w for ws in report.weights for w in ws], np.float64)
         check_columns(new, bad)
         previous = t.cols["density"]["density_step"][runs - 1] if runs else None
         problem = check_row("density_step", float(report.step), previous)
@@ -264,7 +268,7 @@ class History(HistoryReads):
             for name, col in t.cols[table].items():
                 del col[n:]  # what an interrupted append left
                 col.frombytes(np.ascontiguousarray(new[name], dtype=np.int8 if col.typecode == "b" else None).tobytes())
-        t.rows = {**t.rows, "density": runs + 1, "density_nodes": count + len(nodes)}  # one commit
+        t.rows = {**t.rows, "density": runs + 1, "density_nodes": count + sum(per_probe)}  # one commit
 
     def append_event(
         self, step: int, group: int, old_factor: float, new_factor: float, ratio: float, reason: str

@@ -51,8 +51,8 @@ def plot_history(history: Any, path: str | os.PathLike[str], *, title: str | Non
 
     Raises:
         ImportError: matplotlib is not installed (the message says how to install it).
-        ValueError: the history has neither measurements nor densities, the suffix names no image format
-            matplotlib writes, or the path is a directory, FIFO, device or missing directory.
+        ValueError: the history has no measurements, directional sharpness or densities, the
+            suffix names no image format matplotlib writes, or the path is a directory, FIFO, device or missing directory.
     """
     with np.errstate(all="ignore"):  # values near ±1e308 overflow matplotlib's autoscaling sums
         return _plot(history, os.fspath(path), title, dpi)
@@ -64,7 +64,7 @@ def _plot(history: Any, path: str, title: str | None, dpi: int) -> Any:
     cols = history.to_dict()
     steps = cols["step"]
     densities = densities_to_draw(history)
-    directional = "directional_step" in history and len(history.column("directional_step")) > 0
+    directional = len(history.column("directional_step")) > 0
     if not len(steps) and not densities and not directional:
         raise ValueError("the history has no measurements (nor directional sharpness or spectral densities) to plot")
     has_raw = bool(np.isfinite(cols["raw"]).any())

@@ -126,6 +126,14 @@ def _backends(history: Any) -> str:
     return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "unknown"
 
 
+def _grid() -> Table:
+    """The report's two-column grid: a bold label, then its value."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    return grid
+
+
 def render_report(history: Any, *, title: str | Text | None = None, spark_width: int = 32) -> Panel:
     """The report panel of ``history``: per group lr and threshold, the latest λ_max(P⁻¹H) and
     ratio (coloured by zone), a sparkline of the ratio, raw sharpness and its trend, the
@@ -142,9 +150,7 @@ def render_report(history: Any, *, title: str | Text | None = None, spark_width:
             "No measurements yet: call opt.sharpness(loss_fn) or opt.monitor(loss_fn, every=N).",
             style="dim",
         )
-        extra = Table.grid(padding=(0, 2))  # what other tables hold (directional, density...)
-        extra.add_column(style="bold", no_wrap=True)
-        extra.add_column()
+        extra = _grid()  # what other tables hold (directional, density...)
         add_directional_rows(extra, history)
         add_estimator_rows(extra, history)
         if extra.row_count:
@@ -173,9 +179,7 @@ def render_report(history: Any, *, title: str | Text | None = None, spark_width:
             Text(f"{per:.3f}" if math.isfinite(per) else "—", style=ZONE_STYLE[zone(per)]),
         )
 
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
+    grid = _grid()
     converged = "" if bool(last["converged"]) else "  [red](Lanczos did not converge)[/]"
     scheduled = int((cols["monitor"] >= 0).sum())
     grid.add_row(

@@ -108,6 +108,7 @@ def _density(step, nodes, weights, probes=None, iters=5, **kw):
     "report,problem",
     [
         (_density(3, ((1.0, 2.0),), ((0.5, 0.4),)), "sum to 0.9"),
+        (_density(3, ((1.0, 2.0),), ((1.0,),)), "nodes and weights differ in shape"),
         (_density(3, ((1.0, math.inf),), ((0.5, 0.5),)), "'node' holds NaN or infinite"),
         (_density(3, ((1.0, 2.0),), ((1.5, -0.5),)), "'node_weight' holds values outside"),
         (_density(3, ((1.0,), (2.0,)), ((1.0,), (1.0,)), probes=1), "names probe 1 of density 0"),
@@ -115,7 +116,7 @@ def _density(step, nodes, weights, probes=None, iters=5, **kw):
         (_density(1, ((1.0,),), ((1.0,),)), "went back from 2"),
         (_density(3, ((1.0,),), ((1.0,),), threshold=-1.0), "'density_threshold' holds values outside"),
     ],
-    ids=["weights-sum", "inf-node", "negative-weight", "probe-count", "over-iters", "step-back", "threshold"],
+    ids=["weights-sum", "ragged", "inf-node", "negative-weight", "probe-count", "over-iters", "step-back", "threshold"],
 )
 def test_a_bad_density_is_refused_and_records_nothing(report, problem):
     h = History()
