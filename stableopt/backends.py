@@ -114,6 +114,13 @@ class _AutoHVP:
     def calls(self) -> int:
         return self._hvp.calls
 
+    @property
+    def stats(self) -> Any:
+        return self._hvp.stats
+
+    def error_pair(self, vectors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]] | None:
+        return self._hvp.error_pair(vectors)
+
     def __call__(self, vectors: Sequence[Tensor]) -> list[Tensor]:
         if self._probed:
             return self._hvp(vectors)
@@ -161,6 +168,7 @@ def build_product(
     before_forward: Callable[[], None],
     sharded: bool,
     max_abs: Callable[[Sequence[Tensor]], float],
+    sq_norm: Callable[[Sequence[Tensor]], float] | None = None,
     choice: BackendChoice | None = None,
     agree: Agree = _local_agree,
     loss_scale: float = 1.0,
@@ -176,7 +184,13 @@ def build_product(
 
     def fd() -> HVP:
         return make_fd_hvp(
-            loss_fn, params, batches=batches, before_forward=before_forward, max_abs=max_abs, loss_scale=loss_scale
+            loss_fn,
+            params,
+            batches=batches,
+            before_forward=before_forward,
+            max_abs=max_abs,
+            sq_norm=sq_norm,
+            loss_scale=loss_scale,
         )
 
     if hvp == "fd":

@@ -336,19 +336,39 @@ class _CollectiveHVP:
     def backend(self) -> str:
         return str(self._hvp.backend)
 
+    @property
+    def stats(self) -> Any:
+        return getattr(self._hvp, "stats", None)
+
     def __call__(self, vectors: Sequence[Tensor]) -> list[Tensor]:
+        return self._collective(lambda: self._hvp(vectors), vectors, 1)[0]
+
+    def error_pair(self, vectors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]] | None:
+        """The backend's two estimates of H·v (:meth:`stableopt.hvp.HVP.error_pair`), reduced
+        like products; None on every rank for an exact backend."""
+        if self.backend != "fd":  # the same on every rank (agreed at the first product)
+            return None
+        pair = self._collective(lambda: _pair_or_zeros(self._hvp.error_pair(vectors), vectors), vectors, 2)
+        return pair[0], pair[1]
+
+    def _collective(self, compute: Callable[[], Any], vectors: Sequence[Tensor], count: int) -> list[list[Tensor]]:
+        """``compute()`` (``count`` lists of tensors shaped like ``vectors``; one list when
+        count is 1), reduced across ranks with an agreed failure."""
         red = self._reduction
         error: BaseException | None = None
         out: list[Tensor] = []
         if red.sharded:  # FSDP's collectives inside the product already keep ranks in step
             try:
-                return self._hvp(vectors)
+                result = compute()
             except BaseException as exc:
                 raise red.sharded_failure(exc, "a Hessian-vector product") from exc
+            return [result] if count == 1 else list(result)
         try:
-            out = self._hvp(vectors)
+            result = compute()
+            out = list(result) if count == 1 else [t for part in result for t in part]
         except BaseException as exc:  # noqa: BLE001 - re-raised below, on every rank
             error = exc
+        vectors = list(vectors) * count
         like = vectors if error is not None else out
         flag = torch.tensor([float(error is not None)], dtype=like[0].dtype, device=like[0].device)
         parts = (
@@ -366,7 +386,16 @@ class _CollectiveHVP:
                 "ranks' tracebacks"
             )
         flat = buf[:-1]
-        return [c.view_as(o) for c, o in zip(flat.split([o.numel() for o in out]), out)]
+        reduced = [c.view_as(o) for c, o in zip(flat.split([o.numel() for o in out]), out)]
+        n = len(reduced) // count
+        return [reduced[i * n : (i + 1) * n] for i in range(count)]
+
+
+def _pair_or_zeros(pair: Any, vectors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    if pair is None:
+        zeros = [torch.zeros_like(v) for v in vectors]
+        return zeros, zeros
+    return pair
 
 
 def _is_ddp(module: nn.Module) -> bool:

@@ -1,66 +1,122 @@
-"""Hessian-vector products by central differences of gradients: the ``"fd"`` backend.
-
-    H·x ≈ (∇L(θ + εx) − ∇L(θ − εx)) / 2ε
+"""Hessian-vector products by finite differences of gradients: the ``"fd"`` backend.
 
 Only ordinary backward passes are needed, so this works wherever training works: fused and
 flash attention kernels, ``torch.compile``, activation checkpointing, custom autograd functions
-(``@once_differentiable``), FSDP2. A product costs two gradients.
+(``@once_differentiable``), FSDP2. Three things make it accurate where transformers train
+(LayerNorm, softmax, GELU, float32 or bfloat16 compute), each measured against float64
+double-backward Hessians (tests/test_fd_accuracy.py, benchmarks/hvp.py):
 
-**Step size.** Taylor expansion of the gradient gives the errors of one product, relative to
-‖H·x‖:
+**A fourth-order stencil.** With g(h) = ∇L(θ + h·x) and the central difference
+D(h) = (g(h) − g(−h))/2h = H·x + c·h² + O(h⁴), a product is Richardson's extrapolation
 
-* truncation (ε²/6)·∇³(∇L)[x, x, x] — O(ε²‖x‖²‖∇⁴L‖/‖H‖) for a smooth loss: a shorter step is
-  more exact;
-* kinks: with piecewise-linear activations (ReLU) the gradient jumps wherever θ ± εx moves a
-  pre-activation across zero; the difference divides each jump by 2ε. The number of crossings
-  grows with ε, so this error too grows with the step;
-* rounding: θ ± εx is rounded to the parameter dtype (error u·|θ_i| per coordinate, u the
-  machine epsilon) and each gradient carries its own rounding error δ, which the difference
-  divides by ε — O(u‖θ‖∞/(ε‖x‖∞) + δ/(ε‖H·x‖)): a longer step is more exact.
+    H·x ≈ R(ε) = (4·D(ε) − D(2ε))/3 = [8(g(ε) − g(−ε)) − (g(2ε) − g(−2ε))] / 12ε,
 
-For a smooth loss the first and last balance at ε ∝ u^{1/3}; the kinks of ReLU networks push
-the best step lower. stableopt uses Andrei's (2009) rule for gradient-vector products,
+whose truncation error is O(ε⁴) instead of O(ε²): four gradients per product instead of two.
+The plain central difference was 0.2–10% off on LayerNorm/attention models in float32 (its ε²
+term: LayerNorm and softmax have large third derivatives along the preconditioned top
+eigenvector), with Lanczos reporting convergence — for the fd *map*, not for H.
 
-    ε = √u · (1 + ‖θ‖∞) / ‖x‖∞,
+**A step that adapts.** The start is Andrei's (2009) rule for gradient-vector products,
+ε₀ = √u·(1 + ‖θ‖∞)/‖x‖∞ (no coordinate moves by more than √u·(1 + ‖θ‖∞)), with u the machine
+epsilon of the dtype the forward *computes* in: the parameters' dtype, or a lower one seen in
+the forward's matrix products (FSDP2 ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``,
+parameters cast inside ``loss_fn``), since a step below the compute dtype's resolution rounds
+away. Every product also yields t = ‖D(ε) − R(ε)‖/‖R(ε)‖, the error of the plain central
+difference, for free: when t > ``TRUNCATION_LIMIT`` the product is recomputed with a shorter
+step aimed at ``TRUNCATION_TARGET`` (t ∝ ε² while truncation dominates), and the shorter step
+is kept for the rest of the measurement. When shortening stops paying (rounding, which grows
+as 1/ε, dominates) the best product is kept.
 
-so that no coordinate moves by more than √u·(1 + ‖θ‖∞): 1.5e-8 relative in float64 and 3.5e-4
-in float32 (u = 2.2e-16 and 1.2e-7). Measured on the 14 tanh/ReLU test MLPs of
-tests/test_backends.py (λ_max(P⁻¹H), the ratio and raw λ_max against dense Hessians): with
-exponent 1/2 the worst relative error was 3.7e-5 in float32 and 3.3e-9 in float64; with 1/3 it
-was 1e-10 in float64 but 6.7 (a 7× overestimate) on a float32 ReLU network, where the longer
-step crossed kinks. The tests hold the backend to 2e-3 and 1e-6.
+**Loss-independent coordinates.** A parameter the loss does not depend on (the bias of a
+layer followed by train-mode BatchNorm) has a gradient that is pure rounding noise; Adam's P
+there sits at its floor ε_Adam, and P^{-1/2} (10⁴ for ε_Adam = 1e-8) magnified fd's rounding
+noise into fake eigenvalues 4–7× the true λ_max. Coordinates whose gradient at θ is at the
+noise level (|g_i| ≤ ``NOISE_FACTOR``·u·‖g‖∞) are probed once per measurement: moved as far as a
+product would move them, if no gradient changes by more than the noise level, H is zero on them
+as far as finite differences can tell, and the products leave them out (zero in and zero out).
+A coordinate with zero gradient but real curvature (a LoRA factor initialised at zero) changes
+other gradients and is kept.
+
+**A-posteriori error.** :meth:`~stableopt.hvp.HVP.error_pair` returns the product along a
+vector at the current step and at half of it; their difference estimates the error of the
+product (an overestimate by at most ~2× where rounding dominates, near-exact where truncation
+does). Measurements use it on the final Ritz vectors, so that ``converged`` means converged
+for H (``SharpnessReport.hvp_error``); bfloat16 compute cannot deliver 1e-3 and is flagged.
+
+Cost per product: 4 gradients (plus 4 per shortening, a few per measurement at most), plus per
+measurement one gradient at θ, one per probe of noise-level coordinates, and 6 per
+error check. The errors measured are in ``docs/backends.md``.
 
 **Side effects.** The parameters are written in place (so that any model, compiled or sharded,
-sees the perturbed values through its own code), and after every product they are copied back
+sees the perturbed values through its own code), and after every gradient they are copied back
 from a snapshot taken when the backend is built: bit for bit what they were, with no drift from
-θ + εx − εx. ``.grad`` is not touched: gradients come from ``torch.autograd.grad`` or, for
-FSDP2 (DTensor) parameters, whose gradients only exist after FSDP's reduce-scatter, from
-``backward()`` with every ``.grad`` put back afterwards.
+θ + εx − εx. The copy back runs through :func:`stableopt._state.run_all`, so a second
+``KeyboardInterrupt`` arriving during it still leaves every parameter restored. ``.grad`` is not
+touched: gradients come from ``torch.autograd.grad`` or, for FSDP2 (DTensor) parameters, whose
+gradients only exist after FSDP's reduce-scatter, from ``backward()`` with every ``.grad`` put
+back afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+from ._state import run_all
 from .hvp import HVP, accumulate, batch_weights, check_gradients, check_loss, check_params
 from .space import is_dtensor, local_tensor
 
-__all__ = ["FD_EXPONENT", "make_fd_hvp", "step_size"]
+__all__ = [
+    "FD_EXPONENT",
+    "NOISE_FACTOR",
+    "TRUNCATION_LIMIT",
+    "TRUNCATION_TARGET",
+    "FDStats",
+    "make_fd_hvp",
+    "step_size",
+]
 
-#: ε ∝ u^FD_EXPONENT (module docstring): 1/2 rather than the smooth-case optimum 1/3, because
-#: ReLU kinks crossed by a longer step dominate the error in float32 (measured there).
+#: ε₀ ∝ u^FD_EXPONENT: 1/2 rather than a longer step, because ReLU kinks crossed by a longer
+#: step dominate the error in float32 (the adaptive step only ever shortens from here, except
+#: to come back after a shortening).
 FD_EXPONENT = 0.5
+#: A product whose plain central difference differs from its extrapolation by more than this
+#: (relative) is recomputed with a shorter step. On LayerNorm/attention models in float32 the
+#: extrapolated product's error was about 5·t² there (1e-4 at t = 4e-3, 1e-2 at t = 4e-2).
+TRUNCATION_LIMIT = 4e-3
+#: What a shortened step aims for (t ∝ ε² while truncation dominates).
+TRUNCATION_TARGET = 1e-3
+#: Most shortenings per product.
+MAX_SHORTENINGS = 3
+#: The noise level of a gradient, in machine epsilons of its largest entry: coordinates whose
+#: gradient is below it are probed for being loss-independent, and a probe whose answer stays
+#: below it finds them so. Rounding noise in a gradient sum is a few u per term; measured: the
+#: gradient of a bias before BatchNorm 0.9 u·‖g‖∞, of an attention key bias 0.03 u·‖g‖∞.
+NOISE_FACTOR = 32.0
+#: The probe moves the noise-level coordinates as far as a product's first step would.
+PROBE_FACTOR = 1.0
+
+#: the floating-point dtypes a compute dtype is one of
+_FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 LossFn = Callable[..., Tensor]
+Gradients = list[Tensor | None]
+
+#: aten ops whose output dtype is the dtype a forward computes in (matrix products, convolutions,
+#: attention kernels); see :func:`compute_dtype`
+_COMPUTE_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "convolution", "_scaled_mm"})
 
 
 def step_size(theta_max: float, x_max: float, dtype: torch.dtype) -> float:
-    """The finite-difference step ε = √u·(1 + ‖θ‖∞)/‖x‖∞ for parameters of ``dtype``.
+    """The starting finite-difference step ε₀ = √u·(1 + ‖θ‖∞)/‖x‖∞ for compute dtype ``dtype``.
 
     >>> f"{step_size(0.0, 1.0, torch.float64):.3e}"
     '1.490e-08'
@@ -71,21 +127,79 @@ def step_size(theta_max: float, x_max: float, dtype: torch.dtype) -> float:
     return u**FD_EXPONENT * (1.0 + theta_max) / x_max
 
 
-def _lowest_precision(tensors: Sequence[Tensor]) -> torch.dtype:
-    return max((t.dtype for t in tensors), key=lambda d: torch.finfo(d).eps)
+def _lowest_precision(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
-def _backward_gradients(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor | None]:
+class _ComputeDtypes(TorchDispatchMode):
+    """Records the floating-point dtypes of the outputs of matrix products, convolutions and
+    attention kernels (the dtype a forward computes in, after any casts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = func._overloadpacket.__name__
+        if name in _COMPUTE_OPS or name.startswith("_scaled_dot_product") or name.startswith("_flash_attention"):
+            self.seen.update(t.dtype for t in tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point())
+        return out
+
+
+@dataclass
+class FDStats:
+    """What the ``"fd"`` backend did during one measurement (``HVP.stats``).
+
+    Attributes:
+        compute_dtype: the dtype the forward computes in (the step's machine epsilon).
+        scale: the current step as a multiple of ε₀ (below 1 after shortenings).
+        gradients: gradients evaluated so far.
+        shortenings: products recomputed with a shorter step.
+        truncation: the largest t = ‖D(ε) − R(ε)‖/‖R(ε)‖ of an accepted product.
+        noise_limited: a shorter step did not help (rounding dominates: low-precision compute).
+        loss_independent: coordinates found not to affect the loss (left out of every product).
+    """
+
+    compute_dtype: torch.dtype
+    scale: float = 1.0
+    gradients: int = 0
+    shortenings: int = 0
+    truncation: float = 0.0
+    noise_limited: bool = False
+    loss_independent: int = 0
+
+
+def _backward_gradients(loss: Tensor, params: Sequence[Tensor]) -> Gradients:
     """∇loss by ``backward()`` (FSDP2 reduce-scatters it into ``.grad``), ``.grad`` restored."""
     saved = [p.grad for p in params]
+
+    def put_back() -> None:
+        for p, g in zip(params, saved):
+            p.grad = g
+
     try:
         for p in params:
             p.grad = None
         loss.backward()
         return [None if p.grad is None else local_tensor(p.grad) for p in params]
     finally:
-        for p, g in zip(params, saved):
-            p.grad = g
+        run_all([put_back])
+
+
+def _sub(a: Gradients, b: Gradients, like: Sequence[Tensor]) -> list[Tensor]:
+    """a − b per parameter (None is zero), in the dtype of ``like``."""
+    out = []
+    for x, y, v in zip(a, b, like):
+        if x is None and y is None:
+            out.append(torch.zeros_like(v))
+        elif y is None:
+            out.append(x.to(v.dtype))  # type: ignore[union-attr]
+        elif x is None:
+            out.append(y.to(v.dtype).neg())
+        else:
+            out.append(x.to(v.dtype) - y.to(v.dtype))
+    return out
 
 
 def make_fd_hvp(
@@ -95,9 +209,10 @@ def make_fd_hvp(
     batches: Iterable[Any] | None = None,
     before_forward: Callable[[], None] | None = None,
     max_abs: Callable[[Sequence[Tensor]], float] | None = None,
+    sq_norm: Callable[[Sequence[Tensor]], float] | None = None,
     loss_scale: float = 1.0,
 ) -> HVP:
-    """Build v ↦ H·v for ``loss_fn`` at the current ``params`` by central differences of gradients.
+    """Build v ↦ H·v for ``loss_fn`` at the current ``params`` by finite differences of gradients.
 
     Args:
         loss_fn: ``loss_fn()`` (or ``loss_fn(batch)`` with ``batches``) returns the scalar loss.
@@ -107,12 +222,16 @@ def make_fd_hvp(
         before_forward: called before every evaluation of ``loss_fn`` (replays dropout masks).
         max_abs: ‖·‖∞ of a list of (local) tensors across every rank that holds a shard of them
             (default: this process's tensors are whole).
+        sq_norm: ‖·‖₂² of a list of (local) tensors, likewise. Every decision of the backend
+            (step, shortening, loss-independent coordinates) is taken from these two, so ranks
+            that share a model through collectives take the same decisions.
         loss_scale: multiplies the loss before ``backward()`` of sharded parameters (FSDP
             averages gradients over ranks; the measurement uses it to weight ranks by samples).
 
     Returns:
-        An :class:`~stableopt.hvp.HVP` with ``backend="fd"``; its ``loss`` is evaluated at the
-        unperturbed parameters (one forward pass without a graph).
+        An :class:`~stableopt.hvp.HVP` with ``backend="fd"``, its ``loss`` evaluated at the
+        unperturbed parameters, its :meth:`~stableopt.hvp.HVP.error_pair` for a-posteriori
+        error estimates and its :class:`FDStats` in ``stats``.
 
     Example:
         >>> w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
@@ -130,6 +249,11 @@ def make_fd_hvp(
             return max_abs(tensors)
         return max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
 
+    def norm_sq(tensors: Sequence[Tensor]) -> float:
+        if sq_norm is not None:
+            return sq_norm(tensors)
+        return float(sum(float(t.detach().double().square().sum()) for t in tensors))
+
     evaluations: list[tuple[Any, float, str]]
     samples = None
     if batches is None:
@@ -138,21 +262,19 @@ def make_fd_hvp(
         weights, samples = batch_weights(batches)
         evaluations = [((b,), w, f"loss_fn(batches[{i}])") for i, (b, w) in enumerate(zip(batches, weights))]
 
-    # the loss at θ itself, and the snapshot every product restores
-    with torch.no_grad():
-        call()
-        losses = [check_loss(loss_fn(*args), where, need_grad=False).detach() * w for args, w, where in evaluations]
-        theta0 = [t.detach().clone() for t in locals_]
-    loss0 = torch.stack(losses).sum()
-    u_dtype = _lowest_precision(locals_)
-    theta_max = norm_inf(theta0)
+    stats = FDStats(compute_dtype=_lowest_precision(t.dtype for t in locals_))
 
-    def gradient() -> list[Tensor | None]:
-        acc: list[Tensor | None] = [None] * len(params)
+    def gradient(record: _ComputeDtypes | None = None) -> tuple[Gradients, Tensor]:
+        """The (batch-weighted) gradient and loss at the parameters as they are now."""
+        stats.gradients += 1
+        acc: Gradients = [None] * len(params)
+        losses = []
         for args, w, where in evaluations:
             with torch.enable_grad():
                 call()
-                loss = check_loss(loss_fn(*args), where)
+                with record if record is not None else contextlib.nullcontext():
+                    loss = check_loss(loss_fn(*args), where)
+                losses.append(loss.detach() * w)
                 if sharded:
                     grads = _backward_gradients(loss * (w * loss_scale), params)
                     w_out = 1.0
@@ -161,40 +283,153 @@ def make_fd_hvp(
                     w_out = w
             check_gradients(grads, where)
             accumulate(acc, [None if g is None else g.detach() for g in grads], w_out)
-        return acc
+        return acc, torch.stack(losses).sum()
 
-    def place(vectors: Sequence[Tensor], eps: float) -> None:
-        with torch.no_grad():
-            for t, t0, x in zip(locals_, theta0, vectors):
-                t.copy_(torch.add(t0, x.to(t0.dtype), alpha=eps))
+    # the gradient and loss at θ, the dtype the forward computes in (every rank steps with the
+    # coarsest one), and the snapshot every gradient restores
+    theta0 = [t.detach().clone() for t in locals_]
+    record = _ComputeDtypes()
+    g0, loss0 = gradient(record)
+    stats.compute_dtype = _lowest_precision([stats.compute_dtype, *record.seen])
+    u = norm_inf([torch.tensor([torch.finfo(stats.compute_dtype).eps], dtype=torch.float64, device=locals_[0].device)])
+    stats.compute_dtype = min(_FLOATING, key=lambda d: abs(math.log(torch.finfo(d).eps / u)))
+    theta_max = norm_inf(theta0)
 
     def restore() -> None:
         with torch.no_grad():
             for t, t0 in zip(locals_, theta0):
                 t.copy_(t0)
 
-    def apply(vectors: Sequence[Tensor]) -> list[Tensor | None]:
-        x_max = norm_inf(vectors)
-        if x_max == 0.0:
-            return [None] * len(params)
-        if not math.isfinite(x_max):
-            return [torch.full_like(v, math.nan) for v in vectors]
-        eps = step_size(theta_max, x_max, u_dtype)
+    def gradient_at(vectors: Sequence[Tensor], h: float) -> Gradients:
+        """∇L(θ + h·v), the parameters put back bit for bit (also when interrupted twice)."""
         try:
-            place(vectors, eps)
-            plus = gradient()
-            place(vectors, -eps)
-            minus = gradient()
+            with torch.no_grad():
+                for t, t0, x in zip(locals_, theta0, vectors):
+                    t.copy_(torch.add(t0, x.to(t0.dtype), alpha=h))
+            return gradient()[0]
         finally:
-            restore()
-        out: list[Tensor | None] = []
-        for a, b, v in zip(plus, minus, vectors):
-            if a is None and b is None:
-                out.append(None)
-                continue
-            a = torch.zeros_like(v) if a is None else a
-            b = torch.zeros_like(v) if b is None else b
-            out.append(a.sub(b).div_(2.0 * eps))
-        return out
+            run_all([restore])
 
-    return HVP(params, loss0, 0, apply, samples=samples, backend="fd")
+    def central(x: Sequence[Tensor], h: float) -> list[Tensor]:
+        """D(h) = (∇L(θ + h·x) − ∇L(θ − h·x)) / 2h."""
+        return [d.div_(2.0 * h) for d in _sub(gradient_at(x, h), gradient_at(x, -h), x)]
+
+    live = _loss_independent(g0, gradient_at, norm_inf, norm_sq, locals_, u, theta_max, stats)
+
+    def masked(vectors: Sequence[Tensor]) -> list[Tensor]:
+        if live is None:
+            return list(vectors)
+        return [v if m is None else v * m.to(v.dtype) for v, m in zip(vectors, live)]
+
+    def extrapolated(x: Sequence[Tensor], h: float) -> tuple[list[Tensor], float]:
+        """R(h) = (4·D(h) − D(2h))/3 and t = ‖D(h) − R(h)‖/‖R(h)‖ = ‖D(2h) − D(h)‖/3‖R(h)‖."""
+        d1 = central(x, h)
+        r = central(x, 2.0 * h)
+        diff = norm_sq([b - a for a, b in zip(d1, r)])
+        for a, b in zip(d1, r):  # in place: R(h) where D(2h) was
+            b.mul_(-1.0 / 3.0).add_(a, alpha=4.0 / 3.0)
+        rr = norm_sq(r)
+        return r, (math.sqrt(diff / rr) / 3.0 if rr > 0 else 0.0)
+
+    def base_step(x: Sequence[Tensor]) -> float:
+        """ε₀ for direction x (0 for x = 0, NaN for a non-finite x)."""
+        x_max = norm_inf(x)
+        if x_max == 0.0 or not math.isfinite(x_max):
+            return 0.0 if x_max == 0.0 else math.nan
+        return u**FD_EXPONENT * (1.0 + theta_max) / x_max
+
+    def apply(vectors: Sequence[Tensor]) -> list[Tensor | None]:
+        x = masked(vectors)
+        eps0 = base_step(x)
+        if eps0 == 0.0:
+            return [None] * len(params)
+        if math.isnan(eps0):
+            return [torch.full_like(v, math.nan) for v in vectors]
+        best: tuple[float, list[Tensor], float] | None = None
+        scale, previous = stats.scale, math.inf
+        for attempt in range(MAX_SHORTENINGS + 1):
+            r, t = extrapolated(x, eps0 * scale)
+            if best is None or t < best[0]:
+                best = (t, r, scale)
+            if t <= TRUNCATION_LIMIT or not math.isfinite(t) or attempt == MAX_SHORTENINGS:
+                break
+            if t > 0.5 * previous:  # the shorter step did not pay: rounding dominates
+                stats.noise_limited = True
+                break
+            previous = t
+            stats.shortenings += 1
+            scale *= min(0.5, max(1.0 / 16.0, math.sqrt(TRUNCATION_TARGET / t)))
+        assert best is not None
+        t, r, scale = best
+        stats.truncation = max(stats.truncation, t)
+        # back towards ε₀ once truncation is far below the limit (rounding shrinks with ε)
+        stats.scale = min(1.0, 2.0 * scale) if t < TRUNCATION_TARGET / 16.0 else scale
+        return list(masked(r))
+
+    def error_pair(vectors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]] | None:
+        """R at the current step and at half of it: their difference estimates R's error."""
+        x = masked(vectors)
+        h = base_step(x) * stats.scale
+        if h == 0.0 or math.isnan(h):
+            return None
+        d_half, d_one, d_two = central(x, 0.5 * h), central(x, h), central(x, 2.0 * h)
+        coarse = [(4.0 * a - b).div_(3.0) for a, b in zip(d_one, d_two)]
+        fine = [(4.0 * a - b).div_(3.0) for a, b in zip(d_half, d_one)]
+        return masked(coarse), masked(fine)
+
+    return HVP(params, loss0, 0, apply, samples=samples, backend="fd", stats=stats, _error_pair=error_pair)
+
+
+def _loss_independent(
+    g0: Gradients,
+    gradient_at: Callable[[Sequence[Tensor], float], Gradients],
+    norm_inf: Callable[[Sequence[Tensor]], float],
+    norm_sq: Callable[[Sequence[Tensor]], float],
+    locals_: Sequence[Tensor],
+    u: float,
+    theta_max: float,
+    stats: FDStats,
+) -> list[Tensor | None] | None:
+    """Masks (True = kept) of the coordinates the loss does not depend on, or None if there are none.
+
+    Candidates are the coordinates whose gradient is at the noise level. A set of them is moved
+    along a random ±1 pattern as far as a product's step moves a coordinate (δ = √u·(1 + ‖θ‖∞)):
+    if no gradient changes by more than the noise level, the products cannot see any curvature
+    there and would only divide rounding noise by the step, so the set is left out. A set that
+    answers is split by parameter tensor and each half probed again, so a live coordinate that
+    happens to have a tiny gradient does not hide loss-independent ones (a key bias next to it).
+    One gradient per probe.
+    """
+    g = [torch.zeros_like(t) if x is None else x for x, t in zip(g0, locals_)]
+    g_max = norm_inf(g)
+    if g_max == 0.0:
+        return None
+    level = NOISE_FACTOR * u * g_max
+    candidates = [x.abs() <= level for x in g]
+    holders = [i for i, c in enumerate(candidates) if norm_sq([c.to(torch.float64)]) > 0]
+    if not holders:
+        return None
+    delta = PROBE_FACTOR * u**FD_EXPONENT * (1.0 + theta_max)
+    signs = []
+    for i, t in enumerate(locals_):  # per-parameter seeds: replicated parameters agree across ranks
+        gen = torch.Generator().manual_seed(0x5EED + i)
+        signs.append(torch.randint(0, 2, tuple(t.shape), generator=gen).to(device=t.device, dtype=t.dtype) * 2 - 1)
+
+    def independent(subset: Sequence[int]) -> bool:
+        z = [
+            signs[i] * candidates[i].to(t.dtype) if i in subset else torch.zeros_like(t) for i, t in enumerate(locals_)
+        ]
+        return norm_inf(_sub(gradient_at(z, delta), g0, locals_)) <= level
+
+    dead: list[int] = []
+    pending = [holders]
+    while pending and len(dead) < len(holders):
+        subset = pending.pop()
+        if independent(subset):
+            dead.extend(subset)
+        elif len(subset) > 1:
+            pending += [subset[: len(subset) // 2], subset[len(subset) // 2 :]]
+    if not dead:
+        return None
+    stats.loss_independent = round(norm_sq([candidates[i].to(torch.float64) for i in dead]))
+    return [~candidates[i] if i in dead else None for i in range(len(locals_))]

@@ -195,15 +195,33 @@ class HVP:
     #: samples in ``batches`` (None without batches: unknown); weights ranks in distributed runs
     samples: int | None = None
     backend: str = "autograd"
+    #: what an approximate backend did (``"fd"``: :class:`stableopt.finite_difference.FDStats`)
+    stats: Any = None
+    _error_pair: Callable[[Sequence[Tensor]], tuple[list[Tensor], list[Tensor]] | None] | None = None
 
     def __call__(self, vectors: Sequence[Tensor]) -> list[Tensor]:
         """H·v for ``vectors`` shaped like (the local tensors of) ``params``; unused parameters
         give zeros."""
-        if len(vectors) != len(self.params):
-            raise ValueError(f"expected {len(self.params)} vectors, one per parameter, got {len(vectors)}")
+        self._check(vectors)
         self.calls += 1
         out = self._apply(vectors)
         return [torch.zeros_like(v) if o is None else o.to(v.dtype) for o, v in zip(out, vectors)]
+
+    def _check(self, vectors: Sequence[Tensor]) -> None:
+        if len(vectors) != len(self.params):
+            raise ValueError(f"expected {len(self.params)} vectors, one per parameter, got {len(vectors)}")
+
+    def error_pair(self, vectors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]] | None:
+        """Two estimates of H·v whose difference estimates the first one's error, or None for a
+        backend whose products are exact up to rounding (``"autograd"``, ``"forward"``).
+
+        ``"fd"`` returns the product at its current step and at half of it (two products).
+        """
+        if self._error_pair is None:
+            return None
+        self._check(vectors)
+        self.calls += 2
+        return self._error_pair(vectors)
 
 
 def batch_weights(batches: Iterable[Any]) -> tuple[list[float], int]:

@@ -157,6 +157,25 @@ class CurvatureOperator:
         """Hessian-vector products the measurement has computed so far (all its operators)."""
         return self._m.products
 
+    def rayleigh_pair(self, x: Tensor) -> tuple[float, float] | None:
+        """The Rayleigh quotient xᵀAx/xᵀx from the backend's two products along ``x`` (coarse,
+        fine: :meth:`stableopt.hvp.HVP.error_pair`), or None for a backend whose products are
+        exact up to rounding. Their difference estimates the product error in the quotient;
+        the fine one carries none of the error of earlier, coarser products. Two products.
+        """
+        m = self._m
+        u = x if self._d is None else self._d * x
+        pair = m.product.error_pair(m.space.unflatten(u))
+        if pair is None:
+            return None
+        xx = max(float(m.space.dot(x, x)), 1e-300)
+        decay = 0.0 if m.decay is None else float(m.space.dot(u, m.decay * u))
+
+        def quotient(hu: Sequence[Tensor]) -> float:
+            return (m.sign * float(m.space.dot(u, m.space.flatten(hu))) + decay) / xx
+
+        return quotient(pair[0]), quotient(pair[1])
+
     @property
     def loss(self) -> float:
         return self._m.loss
@@ -208,15 +227,22 @@ class BlockOperator(CurvatureOperator):
             offsets.append(offsets[-1] + n)
         self._ranges = [(offsets[i], offsets[i + 1]) for i in idx]
 
-    def matvec(self, x: Tensor) -> Tensor:
-        """The block's product with ``x``: one Hessian-vector product of the whole model."""
+    def _embed(self, x: Tensor) -> Tensor:
         full = x.new_zeros(self.parent.local_size)
         at = 0
         for a, b in self._ranges:
             full[a:b] = x[at : at + b - a]
             at += b - a
-        y = self.parent.matvec(full)
+        return full
+
+    def matvec(self, x: Tensor) -> Tensor:
+        """The block's product with ``x``: one Hessian-vector product of the whole model."""
+        y = self.parent.matvec(self._embed(x))
         return torch.cat([y[a:b] for a, b in self._ranges])
+
+    def rayleigh_pair(self, x: Tensor) -> tuple[float, float] | None:
+        """:meth:`CurvatureOperator.rayleigh_pair` of the block's vector (zeros outside it)."""
+        return self.parent.rayleigh_pair(self._embed(x))
 
     __call__ = matvec
 
@@ -368,6 +394,10 @@ def _measure(
     def max_abs(tensors: Sequence[Tensor]) -> float:
         return space.max_abs(torch.cat([t.detach().reshape(-1).to(space.dtype) for t in tensors]))
 
+    def sq_norm(tensors: Sequence[Tensor]) -> float:
+        flat = torch.cat([t.detach().reshape(-1).to(space.dtype) for t in tensors])
+        return float(space.dot(flat, flat))
+
     with (
         warnings.catch_warnings(),
         preserved_training_state() as rng,
@@ -389,6 +419,7 @@ def _measure(
                     before_forward=rng.restore,
                     sharded=space.sharded,
                     max_abs=max_abs,
+                    sq_norm=sq_norm,
                     choice=choice,
                     agree=agree,
                     loss_scale=loss_scale,

@@ -24,7 +24,9 @@ IDS = [f"{c[0]}-{c[1].__name__}-{c[2]}-{c[3]}-groups{2 if c[4] else 1}" for c in
 def test_float64_backend_matches_dense_reference_to_1e6(hvp, name, activation, loss, kwargs, two_groups):
     model, x, loss_of, loss_fn, opt = _setup(name, activation, loss, torch.float64, kwargs, two_groups)
     pre, ratio, raw = _reference(model, x, loss_of, opt)
-    rep = opt.sharpness(loss_fn, raw=True, k=2, tol=1e-9, max_iters=200, hvp=hvp)
+    # fd's products carry ~1e-9 of rounding in float64, which its error estimate (conservative
+    # by up to ~8x) must vouch for: converged is asked at 1e-7 there
+    rep = opt.sharpness(loss_fn, raw=True, k=2, tol=1e-9 if hvp == "forward" else 1e-7, max_iters=200, hvp=hvp)
     assert rep.converged and rep.hvp_backend == hvp and rep.dtype == "float64"
     assert rep.preconditioned == pytest.approx(float(pre[0]), rel=1e-6)
     assert rep.eigenvalues == pytest.approx(pre[:2].tolist(), rel=1e-6)
@@ -104,13 +106,13 @@ def test_auto_measures_a_once_differentiable_model_with_fd_and_says_so():
     model, x, loss_of, custom_loss, opt = _custom_kernel_setup()
     pre, ratio, _ = _reference(model, x, loss_of, opt)  # the same function with torch's tanh
     with pytest.warns(RuntimeWarning, match="measuring with hvp='fd'.*@once_differentiable"):
-        rep = opt.sharpness(custom_loss, tol=1e-9)
+        rep = opt.sharpness(custom_loss, tol=1e-7)  # what fd vouches for in float64 (~1e-9 rounding)
     assert rep.hvp_backend == "fd" and opt.hvp_backend == "fd"
     assert rep.preconditioned == pytest.approx(float(pre[0]), rel=1e-6)
     assert rep.ratio == pytest.approx(ratio, rel=1e-6)
     with warnings.catch_warnings():  # decided once: no second probe, no second warning
         warnings.simplefilter("error")
-        again = opt.sharpness(custom_loss, tol=1e-9)
+        again = opt.sharpness(custom_loss, tol=1e-7)
     assert again.hvp_backend == "fd" and again.preconditioned == pytest.approx(rep.preconditioned, rel=1e-7)
 
 

@@ -198,7 +198,7 @@ def _scenarios(rank: int) -> None:
     opt._stableopt_warm.clear()
     by_backend = {}
     for hvp in ("autograd", "fd", "forward"):
-        r = opt.sharpness(loss_fn, raw=True, k=2, tol=1e-10, hvp=hvp)
+        r = opt.sharpness(loss_fn, raw=True, k=2, tol=1e-7 if hvp == "fd" else 1e-10, hvp=hvp)  # fd: ~1e-9 rounding
         assert r.hvp_backend == hvp and r.converged
         by_backend[hvp] = _gather(_fields(r))
         assert by_backend[hvp][0] == by_backend[hvp][1]

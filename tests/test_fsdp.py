@@ -94,7 +94,7 @@ def _scenarios(rank: int, results: dict) -> None:
         opt.step()
 
     params0, grads0, state0 = _locals(model.parameters()), _locals(p.grad for p in model.parameters()), _state(opt)
-    rep = opt.sharpness(batch_loss, batches=batches, raw=True, k=2, tol=1e-10)
+    rep = opt.sharpness(batch_loss, batches=batches, raw=True, k=2, tol=1e-7)  # fd: ~1e-9 rounding in float64
     assert rep.hvp_backend == "fd" and rep.converged, rep
     assert all(torch.equal(a, p.to_local()) for a, p in zip(params0, model.parameters()))
     assert all(torch.equal(a, p.grad.to_local()) for a, p in zip(grads0, model.parameters()))
