@@ -74,12 +74,13 @@ MEASUREMENT_COLUMNS: dict[str, str] = {
     "monitor": "q",
     "elapsed": "d",
     "hvp_backend": "q",
+    "hvp_error": "d",
 }
 #: codes of the ``hvp_backend`` column (the backend a measurement used; −1: not recorded, in a
 #: file saved before the column existed)
 HVP_BACKEND_CODES = {"autograd": 0, "fd": 1, "forward": 2}
 #: fixed columns a file may lack (it was saved before they existed), with their backfill value
-OPTIONAL_COLUMNS: dict[str, float] = {"hvp_backend": -1}
+OPTIONAL_COLUMNS: dict[str, float] = {"hvp_backend": -1, "hvp_error": math.nan}
 #: prefixes of the per-group / per-eigenvalue measurement columns (all float64)
 DYNAMIC_PREFIXES = ("lr_", "threshold_", "eig_")
 SECANT_COLUMNS: dict[str, str] = {"secant_step": "q", "secant": "d", "secant_ratio": "d"}
@@ -165,6 +166,7 @@ RULES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "hvps": (0, _COUNT - 1, False, True),
     "monitor": (-1, _COUNT - 1, False, True),
     "hvp_backend": (-1, len(HVP_BACKEND_CODES) - 1, False, True),
+    "hvp_error": (0.0, None, False, False),  # NaN: not recorded (a file from before the column)
     "event_group": (0, 2**20, False, True),
     "seconds": (0.0, None, False, True),
     "elapsed": (0.0, None, False, True),

@@ -8,7 +8,9 @@
   ``converged``, ``monitor`` (the monitor's id, −1 for a manual call), ``elapsed`` (wall seconds
   since the optimizer was created, for the share of training time spent measuring),
   ``hvp_backend`` (the Hessian-vector-product backend, a code: 0 ``"autograd"``, 1 ``"fd"``,
-  2 ``"forward"``, −1 not recorded; :meth:`History.hvp_backends` gives the names), and per
+  2 ``"forward"``, −1 not recorded; :meth:`History.hvp_backends` gives the names),
+  ``hvp_error`` (the estimated relative error the products put into the eigenvalues: 0 for the
+  exact backends, NaN in files from before the column), and per
   param group ``lr_<g>`` (effective lr) and ``threshold_<g>``, and ``eig_<i>`` (the top-k
   eigenvalues of P⁻¹H), and per block of a ``sharpness(blocks=...)`` call
   ``block_<name>_lmax`` and ``block_<name>_ratio`` (names made safe by
@@ -179,6 +181,7 @@ class History(HistoryReads):
             "monitor": self.source,
             "elapsed": self.elapsed(),
             "hvp_backend": HVP_BACKEND_CODES.get(getattr(report, "hvp_backend", ""), -1),
+            "hvp_error": getattr(report, "hvp_error", math.nan),
         }
         try:
             lrs = optimizer.effective_lr()

@@ -126,6 +126,17 @@ def _backends(history: Any) -> str:
     return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "unknown"
 
 
+def _product_error(cols: Any) -> str:
+    """``, product error ≤ 3.1e-05`` when some measurement used approximate (fd) products."""
+    errors = cols.get("hvp_error")
+    if errors is None or not len(errors):
+        return ""
+    known = errors[~np.isnan(errors)]
+    if not len(known) or float(known.max()) == 0.0:
+        return ""
+    return f", product error ≤ {float(known.max()):.1e}"
+
+
 def _grid() -> Table:
     """The report's two-column grid: a bold label, then its value."""
     grid = Table.grid(padding=(0, 2))
@@ -256,7 +267,7 @@ def render_report(history: Any, *, title: str | Text | None = None, spark_width:
         f" = {seconds / elapsed:.1%} of {elapsed:,.1f} s wall time" if math.isfinite(elapsed) and elapsed > 0 else ""
     )
     grid.add_row("cost", f"{int(cols['hvps'].sum()):,} HVPs, {seconds:,.2f} s{share}")
-    grid.add_row("HVPs by", _backends(history))
+    grid.add_row("HVPs by", _backends(history) + _product_error(cols))
     legend = Text.assemble(
         ("zones: ", "dim"),
         ("below", ZONE_STYLE["below"]),

@@ -350,3 +350,29 @@ def test_the_backend_is_a_history_column_shown_in_the_report_and_saved(tmp_path)
     old = tmp_path / "old.safetensors"
     save_file(columns, str(old), metadata=metadata)
     assert stableopt.History.load(old).hvp_backends() == ["unknown", "unknown"]
+
+
+def test_the_product_error_is_a_history_column_shown_in_the_report_and_saved(tmp_path):
+    import io
+
+    from rich.console import Console
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    _, _, _, loss_fn, opt = _setup("Adam", nn.Tanh, "mse", torch.float32, dict(lr=1e-2), False)
+    fd = opt.sharpness(loss_fn, hvp="fd")
+    exact = opt.sharpness(loss_fn, hvp="autograd")
+    assert 0 < fd.hvp_error <= 1e-3 and exact.hvp_error == 0.0
+    assert f"product error ~{fd.hvp_error:.1e}" in str(fd) and "product error" not in str(exact)
+    assert opt.history.column("hvp_error").tolist() == [fd.hvp_error, 0.0]
+    console = Console(file=io.StringIO(), width=120)
+    opt.report(console=console)
+    assert f"product error ≤ {fd.hvp_error:.1e}" in console.file.getvalue()
+    path = tmp_path / "run.safetensors"
+    opt.history.save(path)
+    assert stableopt.History.load(path).column("hvp_error").tolist() == [fd.hvp_error, 0.0]
+    with safe_open(str(path), framework="np") as f:
+        metadata = f.metadata()
+    old = tmp_path / "old.safetensors"  # written before the column existed: unknown (NaN)
+    save_file({k: v for k, v in load_file(str(path)).items() if k != "hvp_error"}, str(old), metadata=metadata)
+    assert all(math.isnan(e) for e in stableopt.History.load(old).column("hvp_error"))
