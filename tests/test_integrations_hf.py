@@ -39,7 +39,9 @@ def _model():
     return transformers.GPT2LMHeadModel(config)
 
 
-def _trainer(tmp_path, model, optimizer=None, callbacks=None, steps=6, scheduler=None):
+def _trainer(
+    tmp_path, model, optimizer=None, callbacks=None, steps=6, scheduler=None, logging_steps=1000, report_to=()
+):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=steps,
@@ -47,9 +49,9 @@ def _trainer(tmp_path, model, optimizer=None, callbacks=None, steps=6, scheduler
         gradient_accumulation_steps=2,
         learning_rate=1e-3,
         weight_decay=0.01,
-        logging_steps=1000,
+        logging_steps=logging_steps,
         save_strategy="no",
-        report_to=[],
+        report_to=list(report_to),
         use_cpu=True,
         seed=0,
         data_seed=0,
@@ -118,6 +120,53 @@ def test_measuring_inside_the_trainer_does_not_change_training(tmp_path):
         trainer.train()
         finals.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*finals))
+
+
+TIMINGS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+def _tensorboard_scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = folder.rglob("events.out.tfevents.*")  # the Trainer's TensorBoardCallback writes one file
+    accumulator = EventAccumulator(str(events)).Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize(("logging_steps", "every"), [(2, 2), (3, 2), (2, 3)])
+def test_the_trainers_own_logs_are_all_kept_and_the_measurements_logged_beside_them(tmp_path, logging_steps, every):
+    pytest.importorskip("tensorboard", reason="pip install tensorboard: the Trainer's TensorBoardCallback")
+    runs = {}
+    for measure in (False, True):
+        model = _model()
+        opt = _adamw(model)
+        folder = tmp_path / str(measure)
+        trainer = _trainer(folder, model, opt, logging_steps=logging_steps, report_to=["tensorboard"])
+        if measure:
+            SharpnessCallback(_probe(), every=every, max_iters=10).attach(trainer)
+        trainer.train()
+        runs[measure] = trainer.state.log_history, _tensorboard_scalars(folder), opt.history.to_dict()
+    (plain, plain_board, _), (measured, board, history) = runs[False], runs[True]
+
+    def own(rows):  # the Trainer's rows, less the wall-clock timings of its final summary
+        return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows if "stableopt/ratio" not in row]
+
+    # every row of the run without the callback, with bitwise the same loss, grad_norm, lr, epoch
+    assert [row["step"] for row in own(plain) if "loss" in row] == list(range(logging_steps, 7, logging_steps))
+    assert own(measured) == own(plain)
+    ours = [row for row in measured if "stableopt/ratio" in row]
+    assert [row["step"] for row in ours] == history["step"].tolist() == list(range(every, 7, every))
+    assert [row["stableopt/ratio"] for row in ours] == history["ratio"].tolist()
+    # and what the Trainer reported to TensorBoard: its own scalars as before, stableopt's at their step
+    # (train/epoch also has a point per measurement row: Trainer.log adds the epoch to every row)
+    for tag, points in plain_board.items():
+        if tag.removeprefix("train/") not in TIMINGS and tag != "train/epoch":
+            assert board[tag] == points, tag
+    assert set(plain_board["train/epoch"]) <= set(board["train/epoch"])
+    assert [step for step, _ in plain_board["train/loss"]] == list(range(logging_steps, 7, logging_steps))
+    assert board["train/stableopt/ratio"] == [
+        (step, pytest.approx(ratio, rel=1e-6)) for step, ratio in zip(history["step"].tolist(), history["ratio"])
+    ]
 
 
 def test_a_plain_torch_optimizer_is_refused_with_how_to_switch(tmp_path):

@@ -3,7 +3,10 @@
 Train with a stableopt optimizer (``Trainer(optimizers=(stableopt.AdamW(...), scheduler))``),
 attach the callback, and every ``every`` optimizer steps it measures λ_max(P⁻¹H), the threshold
 and the ratio on ``batch`` and logs them through ``trainer.log`` (so into ``log_history`` and
-every reporter the Trainer feeds: TensorBoard, W&B, ...), under ``stableopt/`` names::
+every reporter the Trainer feeds: TensorBoard, W&B, ...), under ``stableopt/`` names, as a row
+of their own at the step they were measured. The Trainer's own rows (loss, grad_norm,
+learning_rate every ``logging_steps``) are all logged as without the callback; on a step where
+both log, the Trainer's row comes second::
 
     opt = stableopt.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     trainer = Trainer(model=model, args=args, train_dataset=train, optimizers=(opt, None))
@@ -112,8 +115,15 @@ class SharpnessCallback(TrainerCallback):
         self.monitor = opt.monitor(lambda: self.loss_fn(model, batch), log=self._buffer, **self.options)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        for metrics, _ in self._buffer.drain():  # measured inside this step's optimizer.step()
+        # Measured inside this step's optimizer.step(); logged as a row of its own at this step.
+        # Trainer.log() ends in CallbackHandler.on_log, which sets control.should_log = False:
+        # that flag, set by DefaultFlowCallback.on_step_end just before, is what makes the Trainer
+        # log its own loss / grad_norm / learning_rate row after on_step_end returns, so it is
+        # put back as it was (the Trainer's row is still due, after this one).
+        for metrics, _ in self._buffer.drain():
+            due = control.should_log
             self.trainer.log(metrics)
+            control.should_log = control.should_log or due
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None:
