@@ -294,7 +294,7 @@ def fd_gradients_per_product(pb: Problem) -> float:
     with opt.measure(pb.loss_fn, hvp="fd") as m:
         op = m.operator("preconditioned")
         res = stableopt.lanczos(op, k=1, tol=1e-3, generator=torch.Generator().manual_seed(0))
-        op.rayleigh_pair(res.eigenvectors[0])
+        op.check(res.eigenvectors[0])
         return m.product.stats.gradients / m.products
 
 

@@ -170,6 +170,7 @@ def build_product(
     sharded: bool,
     max_abs: Callable[[Sequence[Tensor]], float],
     sq_norm: Callable[[Sequence[Tensor]], float] | None = None,
+    suspects: Sequence[Tensor | None] | None = None,
     choice: BackendChoice | None = None,
     agree: Agree = _local_agree,
     loss_scale: float = 1.0,
@@ -191,6 +192,7 @@ def build_product(
             before_forward=before_forward,
             max_abs=max_abs,
             sq_norm=sq_norm,
+            suspects=suspects,
             loss_scale=loss_scale,
         )
 

@@ -28,14 +28,14 @@ is kept for the rest of the measurement. When shortening stops paying (rounding,
 as 1/ε, dominates) the best product is kept.
 
 **Loss-independent coordinates.** A parameter the loss does not depend on (the bias of a
-layer followed by train-mode BatchNorm) has a gradient that is pure rounding noise; Adam's P
-there sits at its floor ε_Adam, and P^{-1/2} (10⁴ for ε_Adam = 1e-8) magnified fd's rounding
-noise into fake eigenvalues 4–7× the true λ_max. Coordinates whose gradient at θ is at the
-noise level (|g_i| ≤ ``NOISE_FACTOR``·u·‖g‖∞) are probed once per measurement: moved as far as a
-product would move them, if no gradient changes by more than the noise level, H is zero on them
-as far as finite differences can tell, and the products leave them out (zero in and zero out).
-A coordinate with zero gradient but real curvature (a LoRA factor initialised at zero) changes
-other gradients and is kept.
+layer followed by train-mode BatchNorm, an attention key bias) has a gradient that is pure
+rounding noise; Adam's P there sits at its floor ε_Adam, and P^{-1/2} (10⁴ for ε_Adam = 1e-8)
+magnified fd's rounding noise into fake eigenvalues 4–7× the true λ_max. The coordinates whose
+P sits at the rule's floor (the measurement passes them as ``suspects``) are probed once per
+measurement: moved forth and back as far as a product would move them; if no gradient changes
+by more than the noise level, H is zero on them as far as finite differences can tell, and the
+products leave them out (zero in and zero out). A coordinate at the floor with real curvature
+(a LoRA factor initialised at zero) changes other gradients and is kept.
 
 **A-posteriori error.** :meth:`~stableopt.hvp.HVP.error_pair` returns the product along a
 vector at the current step and at half of it; their difference estimates the error of the
@@ -44,7 +44,7 @@ does). Measurements use it on the final Ritz vectors, so that ``converged`` mean
 for H (``SharpnessReport.hvp_error``); bfloat16 compute cannot deliver 1e-3 and is flagged.
 
 Cost per product: 4 gradients (plus 4 per shortening, a few per measurement at most), plus per
-measurement one gradient at θ, one per probe of noise-level coordinates, and 6 per
+measurement two per probe of coordinates at the preconditioner's floor, and 6 per
 error check. The errors measured are in ``docs/backends.md``.
 
 **Side effects.** The parameters are written in place (so that any model, compiled or sharded,
@@ -59,7 +59,6 @@ back afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -96,12 +95,13 @@ TRUNCATION_LIMIT = 4e-3
 TRUNCATION_TARGET = 1e-3
 #: Most shortenings per product.
 MAX_SHORTENINGS = 3
-#: The noise level of a gradient, in machine epsilons of its largest entry: coordinates whose
-#: gradient is below it are probed for being loss-independent, and a probe whose answer stays
-#: below it finds them so. Rounding noise in a gradient sum is a few u per term; measured: the
-#: gradient of a bias before BatchNorm 0.9 u·‖g‖∞, of an attention key bias 0.03 u·‖g‖∞.
+#: The noise level of a gradient, in machine epsilons of its largest entry: a probe whose
+#: gradients differ by no more than this finds its coordinates loss-independent. Rounding noise
+#: in a gradient sum is a few u per term; measured: the gradient of a bias before BatchNorm
+#: 0.9 u·‖g‖∞, of an attention key bias 0.03 u·‖g‖∞, while a live coordinate moved by the
+#: product's step changed the gradient by 1e3–1e5 u·‖g‖∞ on the test models.
 NOISE_FACTOR = 32.0
-#: The probe moves the noise-level coordinates as far as a product's first step would.
+#: The probe moves the suspect coordinates as far as a product's first step would.
 PROBE_FACTOR = 1.0
 
 #: the floating-point dtypes a compute dtype is one of
@@ -210,6 +210,7 @@ def make_fd_hvp(
     before_forward: Callable[[], None] | None = None,
     max_abs: Callable[[Sequence[Tensor]], float] | None = None,
     sq_norm: Callable[[Sequence[Tensor]], float] | None = None,
+    suspects: Sequence[Tensor | None] | None = None,
     loss_scale: float = 1.0,
 ) -> HVP:
     """Build v ↦ H·v for ``loss_fn`` at the current ``params`` by finite differences of gradients.
@@ -225,6 +226,8 @@ def make_fd_hvp(
         sq_norm: ‖·‖₂² of a list of (local) tensors, likewise. Every decision of the backend
             (step, shortening, loss-independent coordinates) is taken from these two, so ranks
             that share a model through collectives take the same decisions.
+        suspects: per parameter, a boolean mask of the coordinates to check for not affecting
+            the loss (those whose preconditioner sits at its floor), or None.
         loss_scale: multiplies the loss before ``backward()`` of sharded parameters (FSDP
             averages gradients over ranks; the measurement uses it to weight ranks by samples).
 
@@ -264,17 +267,14 @@ def make_fd_hvp(
 
     stats = FDStats(compute_dtype=_lowest_precision(t.dtype for t in locals_))
 
-    def gradient(record: _ComputeDtypes | None = None) -> tuple[Gradients, Tensor]:
-        """The (batch-weighted) gradient and loss at the parameters as they are now."""
+    def gradient() -> Gradients:
+        """The (batch-weighted) gradient at the parameters as they are now."""
         stats.gradients += 1
         acc: Gradients = [None] * len(params)
-        losses = []
         for args, w, where in evaluations:
             with torch.enable_grad():
                 call()
-                with record if record is not None else contextlib.nullcontext():
-                    loss = check_loss(loss_fn(*args), where)
-                losses.append(loss.detach() * w)
+                loss = check_loss(loss_fn(*args), where)
                 if sharded:
                     grads = _backward_gradients(loss * (w * loss_scale), params)
                     w_out = 1.0
@@ -283,13 +283,16 @@ def make_fd_hvp(
                     w_out = w
             check_gradients(grads, where)
             accumulate(acc, [None if g is None else g.detach() for g in grads], w_out)
-        return acc, torch.stack(losses).sum()
+        return acc
 
-    # the gradient and loss at θ, the dtype the forward computes in (every rank steps with the
-    # coarsest one), and the snapshot every gradient restores
-    theta0 = [t.detach().clone() for t in locals_]
+    # the loss at θ and the dtype the forward computes in (every rank steps with the coarsest
+    # one), from one forward pass without a graph; the snapshot every gradient restores
     record = _ComputeDtypes()
-    g0, loss0 = gradient(record)
+    with torch.no_grad(), record:
+        call()
+        losses = [check_loss(loss_fn(*args), where, need_grad=False).detach() * w for args, w, where in evaluations]
+    loss0 = torch.stack(losses).sum()
+    theta0 = [t.detach().clone() for t in locals_]
     stats.compute_dtype = _lowest_precision([stats.compute_dtype, *record.seen])
     u = norm_inf([torch.tensor([torch.finfo(stats.compute_dtype).eps], dtype=torch.float64, device=locals_[0].device)])
     stats.compute_dtype = min(_FLOATING, key=lambda d: abs(math.log(torch.finfo(d).eps / u)))
@@ -306,7 +309,7 @@ def make_fd_hvp(
             with torch.no_grad():
                 for t, t0, x in zip(locals_, theta0, vectors):
                     t.copy_(torch.add(t0, x.to(t0.dtype), alpha=h))
-            return gradient()[0]
+            return gradient()
         finally:
             run_all([restore])
 
@@ -314,7 +317,9 @@ def make_fd_hvp(
         """D(h) = (∇L(θ + h·x) − ∇L(θ − h·x)) / 2h."""
         return [d.div_(2.0 * h) for d in _sub(gradient_at(x, h), gradient_at(x, -h), x)]
 
-    live = _loss_independent(g0, gradient_at, norm_inf, norm_sq, locals_, u, theta_max, stats)
+    live = None
+    if suspects is not None:
+        live = _loss_independent(suspects, gradient_at, norm_inf, locals_, u, theta_max, stats)
 
     def masked(vectors: Sequence[Tensor]) -> list[Tensor]:
         if live is None:
@@ -381,49 +386,45 @@ def make_fd_hvp(
 
 
 def _loss_independent(
-    g0: Gradients,
+    suspects: Sequence[Tensor | None],
     gradient_at: Callable[[Sequence[Tensor], float], Gradients],
     norm_inf: Callable[[Sequence[Tensor]], float],
-    norm_sq: Callable[[Sequence[Tensor]], float],
     locals_: Sequence[Tensor],
     u: float,
     theta_max: float,
     stats: FDStats,
 ) -> list[Tensor | None] | None:
-    """Masks (True = kept) of the coordinates the loss does not depend on, or None if there are none.
+    """Masks (True = kept) of the suspect coordinates the loss does not depend on, or None.
 
-    Candidates are the coordinates whose gradient is at the noise level. A set of them is moved
-    along a random ±1 pattern as far as a product's step moves a coordinate (δ = √u·(1 + ‖θ‖∞)):
-    if no gradient changes by more than the noise level, the products cannot see any curvature
-    there and would only divide rounding noise by the step, so the set is left out. A set that
-    answers is split by parameter tensor and each half probed again, so a live coordinate that
-    happens to have a tiny gradient does not hide loss-independent ones (a key bias next to it).
-    One gradient per probe.
+    The suspects (P at its floor) of a set of parameters are moved together along a random ±1
+    pattern, forth and back by a product's step (δ = √u·(1 + ‖θ‖∞)): if no gradient changes by
+    more than the noise level (``NOISE_FACTOR``·u·‖g‖∞), finite differences cannot see any
+    curvature there and would only divide rounding noise by the step, so the set is left out.
+    A set that answers is split by parameter tensor and each half probed again, so a live
+    suspect (a LoRA factor initialised at zero) does not hide loss-independent ones. Two
+    gradients per probe; one probe when the suspects are all loss-independent or all live.
     """
-    g = [torch.zeros_like(t) if x is None else x for x, t in zip(g0, locals_)]
-    g_max = norm_inf(g)
-    if g_max == 0.0:
-        return None
-    level = NOISE_FACTOR * u * g_max
-    candidates = [x.abs() <= level for x in g]
-    holders = [i for i, c in enumerate(candidates) if norm_sq([c.to(torch.float64)]) > 0]
+    masks = [None if m is None else m.to(torch.float64) for m in suspects]
+    holders = [i for i, m in enumerate(masks) if m is not None and norm_inf([m]) > 0]
     if not holders:
         return None
     delta = PROBE_FACTOR * u**FD_EXPONENT * (1.0 + theta_max)
-    signs = []
-    for i, t in enumerate(locals_):  # per-parameter seeds: replicated parameters agree across ranks
+    z: list[Tensor] = []
+    for i, (t, m) in enumerate(zip(locals_, masks)):  # per-parameter seeds: replicas agree across ranks
         gen = torch.Generator().manual_seed(0x5EED + i)
-        signs.append(torch.randint(0, 2, tuple(t.shape), generator=gen).to(device=t.device, dtype=t.dtype) * 2 - 1)
+        signs = torch.randint(0, 2, tuple(t.shape), generator=gen).to(device=t.device, dtype=t.dtype) * 2 - 1
+        z.append(torch.zeros_like(t) if m is None else signs * m.to(t.dtype))
 
     def independent(subset: Sequence[int]) -> bool:
-        z = [
-            signs[i] * candidates[i].to(t.dtype) if i in subset else torch.zeros_like(t) for i, t in enumerate(locals_)
-        ]
-        return norm_inf(_sub(gradient_at(z, delta), g0, locals_)) <= level
+        x = [z[i] if i in subset else torch.zeros_like(t) for i, t in enumerate(locals_)]
+        plus, minus = gradient_at(x, delta), gradient_at(x, -delta)
+        nothing: Gradients = [None] * len(x)
+        level = NOISE_FACTOR * u * max(norm_inf(_sub(plus, nothing, x)), norm_inf(_sub(minus, nothing, x)))
+        return norm_inf(_sub(plus, minus, x)) <= level
 
     dead: list[int] = []
     pending = [holders]
-    while pending and len(dead) < len(holders):
+    while pending:
         subset = pending.pop()
         if independent(subset):
             dead.extend(subset)
@@ -431,5 +432,10 @@ def _loss_independent(
             pending += [subset[: len(subset) // 2], subset[len(subset) // 2 :]]
     if not dead:
         return None
-    stats.loss_independent = round(norm_sq([candidates[i].to(torch.float64) for i in dead]))
-    return [~candidates[i] if i in dead else None for i in range(len(locals_))]
+    kept: list[Tensor | None] = [None] * len(locals_)
+    for i in dead:
+        mask = suspects[i]
+        assert mask is not None  # a holder
+        stats.loss_independent += int(mask.sum())
+        kept[i] = ~mask
+    return kept

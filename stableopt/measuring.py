@@ -101,6 +101,7 @@ class MeasuringMixin(EstimatorsMixin):
                     threshold=rule.threshold(group, lr),
                     sign=rule.sign(group),
                     weight_decay=rule.coupled_weight_decay(group),
+                    floor=rule.floor(group),
                 )
             )
         return groups

@@ -44,10 +44,12 @@ from .backends import BackendChoice, build_product, check_backend
 from .hvp import DoubleBackwardError, batch_weights
 from .space import ParameterSpace, is_dtensor
 
-__all__ = ["KINDS", "BlockOperator", "CurvatureOperator", "Measurement", "MeasuredGroup", "measure"]
+__all__ = ["KINDS", "BlockOperator", "CurvatureOperator", "Measurement", "MeasuredGroup", "ProductCheck", "measure"]
 
 #: the operators a measurement provides (see the module docs)
 KINDS = ("preconditioned", "ratio", "raw")
+#: P within this factor of the rule's floor counts as "at the floor" (√v̂ ≤ 3·eps for Adam)
+FLOOR_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class MeasuredGroup:
         threshold: the group's stability threshold τ on P⁻¹H (see :mod:`stableopt.thresholds`).
         sign: −1 when the optimizer maximizes, else +1.
         weight_decay: coupled weight decay λ (adds λI to the Hessian); 0 for decoupled decay.
+        floor: the smallest P the rule produces (Adam's ``eps``; 0 for none,
+            :meth:`stableopt.rules.StabilityRule.floor`): coordinates at it are checked for
+            not affecting the loss before approximate products use them.
     """
 
     params: Sequence[Tensor]
@@ -67,6 +72,7 @@ class MeasuredGroup:
     threshold: float
     sign: float = 1.0
     weight_decay: float = 0.0
+    floor: float = 0.0
 
 
 def _compute_dtype(params: Sequence[Tensor]) -> torch.dtype:
@@ -95,6 +101,21 @@ def _check_groups(groups: Sequence[MeasuredGroup]) -> tuple[list[Tensor], float]
             "symmetric and has no edge-of-stability threshold"
         )
     return params, signs.pop()
+
+
+@dataclass(frozen=True)
+class ProductCheck:
+    """Two Rayleigh quotients of a vector x under approximate products (:meth:`CurvatureOperator.check`).
+
+    Attributes:
+        coarse: xᵀAx/xᵀx with products at the backend's step.
+        fine: the same at half the step (``"fd"``: a quarter of the truncation error).
+        residual: ‖A·x − fine·x‖/‖x‖ with the fine products (absolute).
+    """
+
+    coarse: float
+    fine: float
+    residual: float
 
 
 class CurvatureOperator:
@@ -157,11 +178,10 @@ class CurvatureOperator:
         """Hessian-vector products the measurement has computed so far (all its operators)."""
         return self._m.products
 
-    def rayleigh_pair(self, x: Tensor) -> tuple[float, float] | None:
-        """The Rayleigh quotient xᵀAx/xᵀx from the backend's two products along ``x`` (coarse,
-        fine: :meth:`stableopt.hvp.HVP.error_pair`), or None for a backend whose products are
-        exact up to rounding. Their difference estimates the product error in the quotient;
-        the fine one carries none of the error of earlier, coarser products. Two products.
+    def check(self, x: Tensor) -> ProductCheck | None:
+        """The Rayleigh quotient of ``x`` from the backend's two products along it (at its step
+        and at half of it: :meth:`stableopt.hvp.HVP.error_pair`) and the residual of the finer
+        one, or None for a backend whose products are exact up to rounding. Two products.
         """
         m = self._m
         u = x if self._d is None else self._d * x
@@ -169,12 +189,17 @@ class CurvatureOperator:
         if pair is None:
             return None
         xx = max(float(m.space.dot(x, x)), 1e-300)
-        decay = 0.0 if m.decay is None else float(m.space.dot(u, m.decay * u))
 
-        def quotient(hu: Sequence[Tensor]) -> float:
-            return (m.sign * float(m.space.dot(u, m.space.flatten(hu))) + decay) / xx
+        def apply(hu: Sequence[Tensor]) -> Tensor:  # this operator's product from the backend's H·u
+            y = m.space.flatten(hu).mul_(m.sign)
+            if m.decay is not None:
+                y = y.add_(m.decay * u)
+            return y if self._d is None else y.mul_(self._d)
 
-        return quotient(pair[0]), quotient(pair[1])
+        coarse, fine = apply(pair[0]), apply(pair[1])
+        rq_coarse, rq_fine = float(m.space.dot(x, coarse)) / xx, float(m.space.dot(x, fine)) / xx
+        residual = float(m.space.norm(fine.sub_(x, alpha=rq_fine))) / xx**0.5
+        return ProductCheck(rq_coarse, rq_fine, residual)
 
     @property
     def loss(self) -> float:
@@ -240,9 +265,9 @@ class BlockOperator(CurvatureOperator):
         y = self.parent.matvec(self._embed(x))
         return torch.cat([y[a:b] for a, b in self._ranges])
 
-    def rayleigh_pair(self, x: Tensor) -> tuple[float, float] | None:
-        """:meth:`CurvatureOperator.rayleigh_pair` of the block's vector (zeros outside it)."""
-        return self.parent.rayleigh_pair(self._embed(x))
+    def check(self, x: Tensor) -> ProductCheck | None:
+        """:meth:`CurvatureOperator.check` of the block's vector (zeros outside it)."""
+        return self.parent.check(self._embed(x))
 
     __call__ = matvec
 
@@ -394,6 +419,9 @@ def _measure(
     def max_abs(tensors: Sequence[Tensor]) -> float:
         return space.max_abs(torch.cat([t.detach().reshape(-1).to(space.dtype) for t in tensors]))
 
+    # coordinates whose P sits at the rule's floor: fd checks that the loss depends on them
+    at_floor = [None if g.floor <= 0 else _local(P) <= FLOOR_FACTOR * g.floor for g in groups for P in g.preconditioner]
+
     def sq_norm(tensors: Sequence[Tensor]) -> float:
         flat = torch.cat([t.detach().reshape(-1).to(space.dtype) for t in tensors])
         return float(space.dot(flat, flat))
@@ -420,6 +448,7 @@ def _measure(
                     sharded=space.sharded,
                     max_abs=max_abs,
                     sq_norm=sq_norm,
+                    suspects=at_floor if any(c is not None for c in at_floor) else None,
                     choice=choice,
                     agree=agree,
                     loss_scale=loss_scale,

@@ -60,6 +60,9 @@ class _LegacyRule(StabilityRule):
     def transient_steps(self, group: Mapping[str, Any]) -> int:
         return self.base.transient_steps(group)
 
+    def floor(self, group: Mapping[str, Any]) -> float:
+        return self.base.floor(group)
+
 
 _LEGACY_HOOKS = ("_preconditioner_fn", "_needs_state")
 

@@ -78,6 +78,15 @@ class StabilityRule:
         """Steps from the start during which :meth:`threshold` is not yet the rule's edge."""
         return 0
 
+    def floor(self, group: Mapping[str, Any]) -> float:
+        """The smallest P the rule can produce (Adam's and RMSprop's ``eps``; 0 for P = I).
+
+        A coordinate whose P sits at this floor had gradients below it all along: if the loss
+        does not depend on it, its P^{-1/2} would magnify the rounding noise of approximate
+        (``"fd"``) products into eigenvalues, so measurements check such coordinates.
+        """
+        return 0.0
+
 
 @dataclass(frozen=True)
 class AdamRule(StabilityRule):
@@ -119,6 +128,9 @@ class AdamRule(StabilityRule):
     def coupled_weight_decay(self, group: Mapping[str, Any]) -> float:
         return 0.0 if self.is_decoupled(group) else _float(group.get("weight_decay", 0.0))
 
+    def floor(self, group: Mapping[str, Any]) -> float:
+        return _float(group.get("eps", 0.0))
+
     def transient_steps(self, group: Mapping[str, Any]) -> int:
         beta1 = _float(group["betas"][0])
         if not beta1 < 1.0:
@@ -138,6 +150,9 @@ class RMSpropRule(StabilityRule):
 
     def threshold(self, group: Mapping[str, Any], lr: float) -> float:
         return _thr.rmsprop_threshold(lr, _float(group.get("momentum", 0.0)))
+
+    def floor(self, group: Mapping[str, Any]) -> float:
+        return _float(group.get("eps", 0.0))
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import blocks as _blocks
 from .backends import BackendChoice
-from .eigen import LanczosResult, lanczos
+from .eigen import GAP_RESIDUAL_CAP, LanczosResult, lanczos
 from .operator import CurvatureOperator, MeasuredGroup, Measurement, measure
 
 __all__ = ["SharpnessGroup", "SharpnessReport", "common_threshold", "estimate_sharpness", "warm_start_vector"]
@@ -55,11 +55,12 @@ MAX_BASIS = 8
 
 
 #: With approximate (``"fd"``) products the top eigenvalue is the Rayleigh quotient of the final
-#: Ritz vector under the finer of two products along it (step ε/2; none of the error of earlier,
-#: coarser products), and its error estimate is this many times the larger of its distance to
-#: the coarser one (step ε) and to the Ritz value. Where rounding dominates, that distance is
-#: about the fine product's own error (1.1×), where truncation does about 15× it; measured on the
-#: transformer and MLP test models it was 0.7–8× the true error, hence the factor.
+#: Ritz vector under the finer of two fresh products along it (step ε/2: none of the error of
+#: earlier, coarser products), its residual under that product must meet the solve's bound
+#: (tol cold, ``GAP_RESIDUAL_CAP``·tol warm), and its error estimate is this many times its
+#: distance to the quotient at step ε: where rounding dominates that distance is about the fine
+#: product's own error (1.1×), where truncation does about 15× it; measured on the transformer
+#: and MLP test models it was 0.7–8× the true error, hence the factor.
 PRODUCT_ERROR_SAFETY = 2.0
 
 
@@ -297,7 +298,8 @@ def _estimate(
         return _nan_report(step, k, groups, raw, m, t0, "the loss is not finite")
 
     errors: list[float] = []
-    checked: dict[str, float] = {}
+    #: per solve with approximate products: (value, residual, the residual meets the bound)
+    checked: dict[str, tuple[float, float, bool]] = {}
 
     def solve(op: CurvatureOperator, kk: int, key: str | None = None, check: bool = True) -> LanczosResult:
         key = op.kind if key is None else key
@@ -316,12 +318,12 @@ def _estimate(
         )
         if warm is not None and res.finite:
             warm[key] = res.eigenvectors.detach().clone()
-        pair = op.rayleigh_pair(res.eigenvectors[0]) if check and res.finite else None
-        if pair is not None:  # approximate products: the top value from the finest one, its error
-            coarse, fine = pair
-            err = PRODUCT_ERROR_SAFETY * max(abs(coarse - fine), abs(float(res.eigenvalues[0]) - fine))
-            errors.append(err / abs(fine) if fine != 0 else (0.0 if err == 0 else math.inf))
-            checked[key] = fine
+        fresh = op.check(res.eigenvectors[0]) if check and res.finite else None
+        if fresh is not None:  # approximate products: the top value from the finer check product
+            scale = abs(fresh.fine) if fresh.fine != 0 else math.inf
+            errors.append(PRODUCT_ERROR_SAFETY * abs(fresh.coarse - fresh.fine) / scale)
+            bound = tol * (1.0 if cold else GAP_RESIDUAL_CAP)
+            checked[key] = (fresh.fine, fresh.residual / scale, fresh.residual / scale <= bound)
         return res
 
     results = [solve(m.operator("preconditioned"), k)]
@@ -338,12 +340,14 @@ def _estimate(
     hvp_error = max(errors, default=0.0)
     if hvp_error > tol:
         warnings.warn(_product_error_message(m, hvp_error, tol), RuntimeWarning, stacklevel=4)
-    eig = (checked.get("preconditioned", float(results[0].eigenvalues[0])),) + tuple(
-        float(x) for x in results[0].eigenvalues[1:]
-    )
+
+    def top(key: str, res: LanczosResult) -> float:
+        return checked[key][0] if key in checked else float(res.eigenvalues[0])
+
+    eig = (top("preconditioned", results[0]),) + tuple(float(x) for x in results[0].eigenvalues[1:])
     pre = eig[0]
     if math.isnan(common):
-        ratio = checked.get("ratio", float(results[1].eigenvalues[0]))
+        ratio = top("ratio", results[1])
         threshold = pre / ratio if ratio != 0 else math.nan
     else:
         ratio, threshold = pre / common, common
@@ -352,11 +356,11 @@ def _estimate(
         preconditioned=pre,
         threshold=threshold,
         ratio=ratio,
-        raw=checked.get("raw", float(results[-1].eigenvalues[0])) if raw else None,
+        raw=top("raw", results[-1]) if raw else None,
         eigenvalues=eig,
         hvps=m.products,
-        residual=max(float(r.residuals.max()) for r in results),
-        converged=all(r.converged for r in results) and hvp_error <= tol,
+        residual=max([float(r.residuals.max()) for r in results] + [c[1] for c in checked.values()]),
+        converged=all(r.converged for r in results) and all(c[2] for c in checked.values()) and hvp_error <= tol,
         seconds=m.agree_seconds(time.perf_counter() - t0),
         thresholds=tuple(float(g.threshold) for g in groups),
         loss=m.loss,
