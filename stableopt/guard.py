@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from . import _guard_settings as _settings
+from . import _hooks
 from ._checkpoint import check_guard_state
 from ._guard_settings import SIGNALS as SIGNALS  # re-exported: it was defined here
 from .backends import check_backend
@@ -248,10 +249,10 @@ class LRGuard:
             self._handles.append(optimizer.register_directional_hook(self._on_measurement))
         else:
             self._handles.append(optimizer.register_measurement_hook(self._on_measurement))
-        self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+        self._handles.append(_hooks.register_step_pre_hook(optimizer, self._before_step))
         optimizer._stableopt_components["guard"] = self
         if self.every is not None:
-            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+            self._handles.append(_hooks.register_step_post_hook(optimizer, self._after_step))
         return self
 
     def attach(

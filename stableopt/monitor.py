@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _hooks
 from ._live import ABOVE as ABOVE  # re-exported: the zone bounds were defined here
 from ._live import BELOW as BELOW
 from ._live import LiveView as _LiveView
@@ -313,11 +314,11 @@ class MonitorSet:
     def _attach(self, monitor: Monitor) -> None:
         opt = self.optimizer
         if self._step_hook is None:
-            self._step_hook = opt.register_step_post_hook(self._after_step)
+            self._step_hook = _hooks.register_step_post_hook(opt, self._after_step)
         if monitor.secant:
             self._secant_users += 1
             if self._secant_hook is None:  # one tracker however many monitors ask for it
-                self._secant_hook = opt.register_step_pre_hook(SecantTracker(opt))
+                self._secant_hook = _hooks.register_step_pre_hook(opt, SecantTracker(opt))
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Run the monitors due at this step. Iterates over a copy, so that a monitor removed
