@@ -5,7 +5,8 @@ attached to (``stableopt.Adam(..., guard=True)``), and when the dimensionless ra
 (λ_max(P⁻¹H) over the stability threshold, 1 = the edge; see docs/science.md) crosses a trigger it
 lowers a multiplicative factor on the learning rate of the param groups. The factor lives next to
 ``group["lr"]``, never in it: the optimizer multiplies ``group["lr"]`` by the factor inside
-``step()`` and restores it in a ``finally`` block, so any torch lr scheduler keeps owning
+``step()`` and puts the scheduler's value back on the way out, even when interrupted during
+that restore (:class:`stableopt._state.scaled_lr`), so any torch lr scheduler keeps owning
 ``group["lr"]`` and scheduler and guard compose as the product of the two.
 
 Why the rule is linear in the ratio: every threshold in the docs/science.md table is ∝ 1/η (Adam
