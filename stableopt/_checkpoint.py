@@ -20,16 +20,26 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .history import MAX_REASON_CHARS, GuardEvent
 
-__all__ = ["check_guard_state", "check_monitor_state", "getstate", "load", "setstate", "state_entry"]
+__all__ = [
+    "check_guard_state",
+    "check_monitor_state",
+    "check_secant_state",
+    "getstate",
+    "load",
+    "setstate",
+    "state_entry",
+]
 
 _ENTRY_KEYS = ("step", "measurements", "warm", "components")
+#: step counts and counters are below 2**53 (exact as float64; 285 years of 1-µs steps)
+MAX_COUNT = 2**53
 _PICKLE_KEY = "_stableopt"
 
 
@@ -255,8 +265,8 @@ def check_monitor_state(state: Any) -> tuple[list[dict[str, Any]], int]:
     def bad(problem: str) -> ValueError:
         return ValueError(f"optimizer state dict monitors: {problem}"[:400])
 
-    if not isinstance(state, Mapping) or set(state) - {"schedules", "next_id"}:
-        raise bad("expected a dict with 'schedules' and 'next_id'")
+    if not isinstance(state, Mapping) or set(state) - {"schedules", "next_id", "secant"}:
+        raise bad("expected a dict with 'schedules' and 'next_id' (and 'secant')")
     next_id = state.get("next_id", 0)
     if isinstance(next_id, bool) or not isinstance(next_id, int) or next_id < 0:
         raise bad(f"next_id must be a non-negative integer, got {next_id!r}")
@@ -300,3 +310,39 @@ def check_monitor_state(state: Any) -> tuple[list[dict[str, Any]], int]:
         # in the order Monitor.schedule() writes, so a loaded state dict gives itself back
         schedules.append({key: s[key] if key in s else _SCHEDULE_DEFAULTS[key] for key in _SCHEDULE})
     return schedules, next_id
+
+
+def check_secant_state(state: Any, params: Sequence[torch.Tensor]) -> dict[str, Any] | None:
+    """The checked secant snapshot of ``MonitorSet.state_dict()`` (None: there is none):
+    ``{"step", "theta", "grad"}``, one dense floating-point tensor per parameter in ``theta``
+    and ``grad``, each shaped like its parameter, and the step the snapshot was taken at."""
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"optimizer state dict monitors: secant {problem}"[:400])
+
+    if state is None:
+        return None
+    if not isinstance(state, Mapping) or set(state) != {"step", "theta", "grad"}:
+        raise bad("must be a dict with step, theta and grad")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < MAX_COUNT:
+        raise bad(f"step must be an integer in [0, 2**53), got {step!r}"[:200])
+    checked: dict[str, Any] = {"step": step}
+    for key in ("theta", "grad"):
+        tensors = state[key]
+        if not isinstance(tensors, (list, tuple)) or len(tensors) != len(params):
+            count = len(tensors) if isinstance(tensors, (list, tuple)) else type(tensors).__name__
+            raise bad(f"{key} must be a list of {len(params)} tensors (one per parameter), got {count}")
+        for i, (t, p) in enumerate(zip(tensors, params)):
+            if (
+                not isinstance(t, torch.Tensor)
+                or t.layout != torch.strided
+                or t.device.type == "meta"
+                or not t.is_floating_point()
+            ):
+                detail = f"{t.dtype}, {t.layout}, {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise bad(f"{key}[{i}] must be a dense floating-point tensor with data, got {detail}")
+            if t.shape != p.shape:
+                raise bad(f"{key}[{i}] has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
+        checked[key] = [t.detach() for t in tensors]
+    return checked

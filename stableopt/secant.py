@@ -17,7 +17,9 @@ inside a ``step(closure)``, or not one step apart are skipped. It costs two copi
 parameters and a few vector operations per step, so it is opt-in.
 
 :class:`SecantTracker` is the step pre hook that ``opt.monitor(..., secant=True)`` registers; it
-writes ``secant`` and ``secant_ratio`` into ``opt.history``.
+writes ``secant`` and ``secant_ratio`` into ``opt.history``. Its snapshot (θ_{t−1}, g_{t−1} and
+the step it was taken at) is part of the optimizer's state dict, so a resumed run records the
+first step after the resume as the uninterrupted run did.
 """
 
 from __future__ import annotations
@@ -72,6 +74,29 @@ class SecantTracker:
                 self._theta = [t.clone() for t in theta]
                 self._grad = [g.clone() for g in grads]
             self._at = step
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The snapshot (copies), or None before the first one: ``{"step", "theta", "grad"}``."""
+        if self._theta is None or self._grad is None:
+            return None
+        return {
+            "step": self._at,
+            "theta": [t.detach().clone() for t in self._theta],
+            "grad": [g.detach().clone() for g in self._grad],
+        }
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Take a snapshot back (checked by :func:`stableopt._checkpoint.check_secant_state`;
+        None: forget it). Tensors are copied to each parameter's device and dtype."""
+        if state is None:
+            self._theta = self._grad = None
+            self._at = -1
+            return
+        params = self._params()
+        with torch.no_grad():
+            self._theta = [t.to(device=p.device, dtype=p.dtype, copy=True) for t, p in zip(state["theta"], params)]
+            self._grad = [g.to(device=p.device, dtype=p.dtype, copy=True) for g, p in zip(state["grad"], params)]
+        self._at = state["step"]
 
     def _record(
         self,
