@@ -54,9 +54,12 @@ class LRGuard:
     * **relax** — ρ < ``recovery`` for ``patience`` measurements in a row:
       f ← min(``cap``, f · min(``relax_rate``, ``target``/ρ)). Gradual (at most ×``relax_rate``
       per action) and never past what would put the ratio above ``target``.
-    * nothing otherwise. A measurement whose ratio is not finite, or that did not converge,
-      never changes the factor (and restarts the recovery count: the guard never raises the lr
+    * nothing otherwise. A measurement whose ratio is NaN, or that did not converge, never
+      changes the factor (and restarts the recovery count: the guard never raises the lr
       across a failed measurement).
+    * a ratio of ``+inf`` — a threshold ≤ 0, e.g. AdamW with ηλ ≥ 2, whose decay alone is
+      unstable (:mod:`stableopt.thresholds`) — is a cut to ``floor`` (``target``/ρ = 0), also
+      during ``warmup`` and from an unconverged solve: that verdict needs neither.
 
     Defaults and why:
 
@@ -342,7 +345,10 @@ class LRGuard:
         """
         if self._optimizer is None:
             raise RuntimeError("LRGuard.observe: the guard is not attached to an optimizer (pass it as guard= to one)")
-        if step < self.warmup_steps() or not converged or not math.isfinite(ratio):
+        # +inf: a threshold <= 0, unstable at any curvature (stableopt.thresholds): no transient,
+        # no solve decides that verdict, so it cuts (to the floor) in any case
+        unstable = ratio == math.inf
+        if not unstable and (step < self.warmup_steps() or not converged or not math.isfinite(ratio)):
             self.skipped += 1
             if step >= self.warmup_steps():
                 self._below = 0
@@ -382,9 +388,14 @@ class LRGuard:
                 history.append_event(e.step, e.group, e.old_factor, e.new_factor, e.ratio, e.reason)
         if reason == "cut" and not self._warned_floor and any(n <= self.floor for n in new):
             self._warned_floor = True
+            why = (
+                "a stability threshold <= 0: the update is unstable at any curvature (AdamW: lr × weight_decay >= 2)"
+                if unstable
+                else "the learning rate is far above the edge of stability"
+            )
             warnings.warn(
                 f"stableopt LRGuard: the lr factor reached its floor ({self.floor:g}) at step {step} "
-                f"(ratio {ratio:.3g}); the learning rate is far above the edge of stability — lower it",
+                f"(ratio {ratio:.3g}); {why} — lower it",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -412,7 +423,9 @@ class LRGuard:
 
     def prepare_load(self, state: Any) -> Callable[[], None]:
         """Check a :meth:`state_dict`; returns the commit that loads it (and cannot fail)."""
-        checked = check_guard_state(state)
+        opt = self._optimizer
+        groups = len(opt.param_groups) if opt is not None else None
+        checked = check_guard_state(state, floor=self.floor, cap=self.cap, groups=groups)
         factors = checked["factors"]
 
         def commit() -> None:

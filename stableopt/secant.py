@@ -7,7 +7,8 @@ the optimizer actually took, from gradients the training loop computes anyway:
 
 with P the preconditioner of the step that made Δθ (plus the sign of ``maximize`` and λ‖Δθ‖²
 for coupled weight decay, as in the measured Hessian). ``secant_ratio`` divides by
-Σ_g τ_g·Δθ_gᵀP_gΔθ_g instead, so that 1 is the edge. It is an *estimate*: for a full-batch loss,
+Σ_g τ_g·Δθ_gᵀP_gΔθ_g instead, so that 1 is the edge (``+inf`` when the step moved a group whose
+threshold is ≤ 0, :mod:`stableopt.thresholds`). It is an *estimate*: for a full-batch loss,
 Δg = H̄Δθ with H̄ the Hessian averaged along the step, so s_t is a Rayleigh quotient of P⁻¹H̄
 and a lower bound on λ_max(P⁻¹H) (exact for a quadratic; near the edge the update oscillates
 along the top eigenvector and the bound is tight). With mini-batches g_t and g_{t−1} come from
@@ -114,6 +115,9 @@ class SecantTracker:
         sums = []
         i = 0
         rule = optimizer.stability_rule
+        if not dtheta:
+            return
+        zero = torch.zeros((), dtype=torch.float64, device=dtheta[0].device)
         for group, tau in zip(optimizer.param_groups, taus):
             sign = rule.sign(group)
             decay = rule.coupled_weight_decay(group)
@@ -124,8 +128,16 @@ class SecantTracker:
                 if decay:
                     num = num + decay * sq.sum()
                 pden = torch.where(sq > 0, sq * P.to(sq.dtype), torch.zeros_like(sq)).sum()
-                sums.append(torch.stack([num.double(), pden.double(), pden.double() * tau]))
+                if tau == math.inf:  # lr 0: the group did not move (inf · 0 would be NaN)
+                    tpden = torch.where(pden > 0, pden.double() * tau, zero)
+                    sums.append(torch.stack([num.double(), pden.double(), tpden, zero]))
+                elif tau > 0:
+                    sums.append(torch.stack([num.double(), pden.double(), pden.double() * tau, zero]))
+                else:  # a threshold <= 0 (τ·ΔθᵀPΔθ would be 0 or negative): its share of ΔθᵀPΔθ
+                    sums.append(torch.stack([num.double(), pden.double(), zero, pden.double()]))
                 i += 1
-        num, den, tden = torch.stack(sums).sum(0).tolist()  # one device sync per step
+        num, den, tden, unstable = torch.stack(sums).sum(0).tolist()  # one device sync per step
         if den > 0 and math.isfinite(den) and math.isfinite(num):
-            optimizer.history.append_secant(step, num / den, num / tden if tden > 0 else math.nan)
+            # the step moved a group with threshold <= 0: unstable at any curvature, ratio +inf
+            ratio = math.inf if unstable > 0 else (num / tden if tden > 0 else math.nan)
+            optimizer.history.append_secant(step, num / den, ratio)

@@ -213,7 +213,37 @@ def _tampered():
             lambda sd: _secant(sd)["theta"].__setitem__(1, torch.ones(6, dtype=torch.long)),
         ),
         ("secant step", "secant step must be an integer", lambda sd: _secant(sd).__setitem__("step", -1)),
+        # absurd values: out of the guard's own range, counters past 2**53, inconsistent counts
+        ("guard factor 1e308", r"a factor 1e\+308 is above this guard's cap \(1.0\)", _guard_set("factors", [1e308])),
+        ("guard factor 11", r"a factor 11.0 is above this guard's cap", _guard_set("factors", [11.0])),
+        ("guard factor 1e-9", r"a factor 1e-09 is below this guard's floor \(0.01\)", _guard_set("factors", [1e-9])),
+        ("guard common", r"common 1e\+308 is above this guard's cap", _guard_set("common", 1e308)),
+        ("guard factors count", "2 factors for an optimizer with 1 param groups", _guard_set("factors", [0.5, 0.5])),
+        ("guard counter 1e30", r"measurements must be below 2\*\*53", _guard_set("measurements", 10**30)),
+        ("guard below", "cannot exceed measurements", _guard_set("below", 10**6)),
+        ("absurd step", r"step must be below 2\*\*53", lambda sd: sd["stableopt"].__setitem__("step", 10**20)),
+        (
+            "absurd measurements",
+            r"measurements must be below 2\*\*53",
+            lambda sd: sd["stableopt"].__setitem__("measurements", 2**60),
+        ),
+        (
+            "history after the step",
+            "history's step column reaches step 4",
+            lambda sd: sd["stableopt"].__setitem__("step", 3),
+        ),
+        ("secant at the step", "secant snapshot was taken at step 4", lambda sd: _secant(sd).__setitem__("step", 4)),
+        ("schedule id", "not below next_id", lambda sd: _monitors(sd)["schedules"][0].__setitem__("id", 7)),
+        (
+            "absurd next_id",
+            r"next_id must be an integer in \[0, 2\*\*31\)",
+            lambda sd: _monitors(sd).__setitem__("next_id", 2**40),
+        ),
     ]
+
+
+def _guard_set(key, value):
+    return lambda sd: sd["stableopt"]["components"]["guard"].__setitem__(key, value)
 
 
 def _monitors(sd):
