@@ -148,3 +148,17 @@ def test_edge_ratio_and_sparkline_of_infinite_ratios():
     spark = sparkline(np.array([0.0, math.inf, math.nan]), top=1.0, zones=True)
     assert spark.plain == "▁█ "  # +inf at the top, NaN blank
     assert str(spark.spans[1].style) == "bold red"  # in the colour of "above"
+
+
+def test_a_frozen_group_leaves_the_secant_ratio_finite():
+    """lr 0: τ = inf and the group does not move; inf · 0 must not make the secant ratio NaN."""
+    torch.manual_seed(0)
+    w, v = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))
+    opt = stableopt.SGD([{"params": [w]}, {"params": [v], "lr": 0.0}], lr=0.05)
+    opt.monitor(lambda: (w**4).sum() + (v**2).sum(), every=100, secant=True)
+    for _ in range(3):
+        opt.zero_grad()
+        ((w**4).sum() + (v**2).sum()).backward()
+        opt.step()
+    ratios = opt.history.secant()["secant_ratio"]
+    assert len(ratios) == 2 and np.isfinite(ratios).all()
