@@ -267,6 +267,7 @@ def _guarded_sgd():
         loss.backward()
         return loss
 
+    opt.step(closure)  # the scheduler steps after the optimizer
     return opt, scheduler, closure
 
 
