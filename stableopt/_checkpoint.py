@@ -139,7 +139,8 @@ def _prepare(opt: Any, extra: Any) -> Callable[[], None]:
         # checked all the same; an optimizer without a guard trains at the scheduler's lr
         # rather than keep a cut that nothing would ever relax
         check_guard_state(saved["guard"])
-    _check_steps(saved, step if step is not None else opt._step_from_state())
+    if step is not None:  # (without one the step comes from torch's state, loaded later)
+        _check_steps(saved, step)
 
     def commit() -> None:
         opt._stableopt_step = step if step is not None else opt._step_from_state()
