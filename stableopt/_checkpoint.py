@@ -20,16 +20,30 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .history import MAX_REASON_CHARS, GuardEvent
 
-__all__ = ["check_guard_state", "check_monitor_state", "getstate", "load", "setstate", "state_entry"]
+__all__ = [
+    "check_guard_state",
+    "check_monitor_state",
+    "check_secant_state",
+    "getstate",
+    "load",
+    "setstate",
+    "state_entry",
+]
 
 _ENTRY_KEYS = ("step", "measurements", "warm", "components")
+#: step counts and counters are below 2**53 (exact as float64; 285 years of 1-µs steps)
+MAX_COUNT = 2**53
+#: monitor ids (the history's monitor column) are below this
+MAX_MONITOR_ID = 2**31
+#: the largest param group index (the history's event_group column holds at most this)
+MAX_GROUP = 2**20
 _PICKLE_KEY = "_stableopt"
 
 
@@ -52,6 +66,8 @@ def _count(name: str, value: Any) -> int:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise _bad(f"{name} must be a non-negative integer, got {value!r}"[:200])
+    if int(value) >= MAX_COUNT:
+        raise _bad(f"{name} must be below 2**53, got {value!r}"[:200])
     return int(value)
 
 
@@ -123,6 +139,8 @@ def _prepare(opt: Any, extra: Any) -> Callable[[], None]:
         # checked all the same; an optimizer without a guard trains at the scheduler's lr
         # rather than keep a cut that nothing would ever relax
         check_guard_state(saved["guard"])
+    if step is not None:  # (without one the step comes from torch's state, loaded later)
+        _check_steps(saved, step)
 
     def commit() -> None:
         opt._stableopt_step = step if step is not None else opt._step_from_state()
@@ -133,6 +151,31 @@ def _prepare(opt: Any, extra: Any) -> Callable[[], None]:
             c()
 
     return commit
+
+
+#: the history's tables whose steps are the optimizer's step count when they were recorded
+_STEP_COLUMNS = ("step", "secant_step", "directional_step", "track_step", "density_step")
+
+
+def _check_steps(saved: Mapping[str, Any], step: int) -> None:
+    """What the components recorded happened at or before ``step`` (the entry's own step count):
+    the history's measurements, the secant snapshot (taken before the step that followed it).
+    The components passed their own checks already."""
+    history = saved.get("history")
+    columns = history.get("columns", {}) if isinstance(history, Mapping) else {}
+    for name in _STEP_COLUMNS:
+        values = columns.get(name)
+        if isinstance(values, torch.Tensor) and values.numel() and int(values.max()) > step:
+            raise _bad(
+                f"the history's {name} column reaches step {int(values.max())}, after the optimizer's "
+                f"step {step}: a history from another run?"
+            )
+    monitors = saved.get("monitors")
+    secant = monitors.get("secant") if isinstance(monitors, Mapping) else None
+    if isinstance(secant, Mapping) and not secant.get("step", -1) < step:
+        raise _bad(
+            f"the secant snapshot was taken at step {secant.get('step')!r}, not before the optimizer's step {step}"
+        )
 
 
 def load(opt: Any, state_dict: Any, torch_load: Callable[[Any], None]) -> None:
@@ -169,8 +212,17 @@ def setstate(opt: Any, state: dict[str, Any], torch_setstate: Callable[[dict[str
     _prepare(opt, extra["entry"])()
 
 
-def check_guard_state(state: Any) -> dict[str, Any]:
-    """The checked contents of ``LRGuard.state_dict()`` (``ValueError`` naming the field)."""
+def check_guard_state(
+    state: Any, *, floor: float | None = None, cap: float | None = None, groups: int | None = None
+) -> dict[str, Any]:
+    """The checked contents of ``LRGuard.state_dict()`` (``ValueError`` naming the field).
+
+    With the loading guard's ``floor`` and ``cap`` the factors (and the factor of groups added
+    later) must lie within them, as that guard's own actions keep them; with ``groups`` (its
+    optimizer's param groups) there are at most that many factors. Counters are non-negative,
+    below 2**53, and consistent (``below`` counts measurements, so it is at most
+    ``measurements``).
+    """
 
     def bad(problem: str) -> ValueError:
         return ValueError(f"optimizer state dict guard: {problem}"[:400])
@@ -179,12 +231,28 @@ def check_guard_state(state: Any) -> dict[str, Any]:
         value = state.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise bad(f"{key} must be a non-negative integer, got {value!r}")
+        if value >= MAX_COUNT:
+            raise bad(f"{key} must be below 2**53, got {value!r}")
         return value
 
     def factor(where: str, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
             raise bad(f"{where} must be a positive finite number, got {value!r}")
         return float(value)
+
+    def bounded(where: str, value: Any) -> float:
+        f = factor(where, value)
+        if floor is not None and f < floor:
+            raise bad(
+                f"{where} {f!r} is below this guard's floor ({floor!r}): a checkpoint of a guard with "
+                "other settings? Create the LRGuard with the settings of the run that saved it"
+            )
+        if cap is not None and f > cap:
+            raise bad(
+                f"{where} {f!r} is above this guard's cap ({cap!r}): a checkpoint of a guard with "
+                "other settings? Create the LRGuard with the settings of the run that saved it"
+            )
+        return f
 
     if not isinstance(state, dict):
         raise bad(f"expected a dict, got {type(state).__name__}")
@@ -196,13 +264,22 @@ def check_guard_state(state: Any) -> dict[str, Any]:
     factors = state.get("factors", [])
     if not isinstance(factors, (list, tuple)):
         raise bad(f"factors must be a list, got {type(factors).__name__}")
+    if groups is not None and len(factors) > groups:
+        raise bad(f"{len(factors)} factors for an optimizer with {groups} param groups")
     checked: dict[str, Any] = {
-        "factors": [factor("a factor", f) for f in factors],
+        "factors": [bounded("a factor", f) for f in factors],
         "measurements": count("measurements"),
         "skipped": count("skipped"),
         "below": count("below"),
     }
-    checked["common"] = factor("common", state["common"]) if "common" in state else min(checked["factors"], default=1.0)
+    if checked["below"] > checked["measurements"]:
+        raise bad(
+            f"below ({checked['below']}) counts measurements below the recovery level, so it cannot "
+            f"exceed measurements ({checked['measurements']})"
+        )
+    checked["common"] = (
+        bounded("common", state["common"]) if "common" in state else min(checked["factors"], default=1.0)
+    )
     events = state.get("events", [])
     if not isinstance(events, (list, tuple)):
         raise bad(f"events must be a list, got {type(events).__name__}")
@@ -213,8 +290,14 @@ def check_guard_state(state: Any) -> dict[str, Any]:
         step, group, old, new, ratio, why = e
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in (step, group)):
             raise bad(f"an event's step and group must be non-negative integers, got {step!r}, {group!r}")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
-            raise bad(f"an event's ratio must be a finite number, got {ratio!r}")
+        if step >= MAX_COUNT or group > MAX_GROUP:
+            raise bad(f"an event's step must be below 2**53 and its group at most 2**20, got {step!r}, {group!r}")
+        if (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, (int, float))
+            or not (math.isfinite(ratio) or ratio == math.inf)
+        ):  # +inf: a cut on a threshold <= 0
+            raise bad(f"an event's ratio must be a finite number or +inf, got {ratio!r}")
         if not isinstance(why, str) or len(why) > MAX_REASON_CHARS:
             raise bad(f"an event's reason must be a string of at most {MAX_REASON_CHARS} characters")
         checked["events"].append(
@@ -255,11 +338,11 @@ def check_monitor_state(state: Any) -> tuple[list[dict[str, Any]], int]:
     def bad(problem: str) -> ValueError:
         return ValueError(f"optimizer state dict monitors: {problem}"[:400])
 
-    if not isinstance(state, Mapping) or set(state) - {"schedules", "next_id"}:
-        raise bad("expected a dict with 'schedules' and 'next_id'")
+    if not isinstance(state, Mapping) or set(state) - {"schedules", "next_id", "secant"}:
+        raise bad("expected a dict with 'schedules' and 'next_id' (and 'secant')")
     next_id = state.get("next_id", 0)
-    if isinstance(next_id, bool) or not isinstance(next_id, int) or next_id < 0:
-        raise bad(f"next_id must be a non-negative integer, got {next_id!r}")
+    if isinstance(next_id, bool) or not isinstance(next_id, int) or not 0 <= next_id < MAX_MONITOR_ID:
+        raise bad(f"next_id must be an integer in [0, 2**31), got {next_id!r}"[:200])
     saved = state.get("schedules", [])
     if not isinstance(saved, (list, tuple)):
         raise bad(f"schedules must be a list, got {type(saved).__name__}")
@@ -297,6 +380,44 @@ def check_monitor_state(state: Any) -> tuple[list[dict[str, Any]], int]:
             or (s.get("budget") is not None and s["budget"] < 1)
         ):
             raise bad(f"schedule out of range (id >= 0, every >= 1, k >= 1, 0 < tol < 1): {dict(s)}")
+        if s["id"] >= next_id:
+            raise bad(f"schedule id {s['id']} is not below next_id {next_id} (ids are handed out in order)")
         # in the order Monitor.schedule() writes, so a loaded state dict gives itself back
         schedules.append({key: s[key] if key in s else _SCHEDULE_DEFAULTS[key] for key in _SCHEDULE})
     return schedules, next_id
+
+
+def check_secant_state(state: Any, params: Sequence[torch.Tensor]) -> dict[str, Any] | None:
+    """The checked secant snapshot of ``MonitorSet.state_dict()`` (None: there is none):
+    ``{"step", "theta", "grad"}``, one dense floating-point tensor per parameter in ``theta``
+    and ``grad``, each shaped like its parameter, and the step the snapshot was taken at."""
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"optimizer state dict monitors: secant {problem}"[:400])
+
+    if state is None:
+        return None
+    if not isinstance(state, Mapping) or set(state) != {"step", "theta", "grad"}:
+        raise bad("must be a dict with step, theta and grad")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < MAX_COUNT:
+        raise bad(f"step must be an integer in [0, 2**53), got {step!r}"[:200])
+    checked: dict[str, Any] = {"step": step}
+    for key in ("theta", "grad"):
+        tensors = state[key]
+        if not isinstance(tensors, (list, tuple)) or len(tensors) != len(params):
+            count = len(tensors) if isinstance(tensors, (list, tuple)) else type(tensors).__name__
+            raise bad(f"{key} must be a list of {len(params)} tensors (one per parameter), got {count}")
+        for i, (t, p) in enumerate(zip(tensors, params)):
+            if (
+                not isinstance(t, torch.Tensor)
+                or t.layout != torch.strided
+                or t.device.type == "meta"
+                or not t.is_floating_point()
+            ):
+                detail = f"{t.dtype}, {t.layout}, {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise bad(f"{key}[{i}] must be a dense floating-point tensor with data, got {detail}")
+            if t.shape != p.shape:
+                raise bad(f"{key}[{i}] has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
+        checked[key] = [t.detach() for t in tensors]
+    return checked

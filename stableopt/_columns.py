@@ -7,7 +7,8 @@ column ``lr_<g>``, ``threshold_<g>``, ``eig_<i>`` (ASCII digits, no leading zero
 without gaps) or a per-block measurement column ``block_<stem>_lmax`` / ``block_<stem>_ratio``
 (a stem of ASCII letters, digits and underscores, :func:`stableopt.blocks.column_stems`).
 Values follow :data:`RULES`: steps are non-negative and never decrease, counts are bounded so
-that no sum of them overflows int64, times and guard factors are finite. The two density tables
+that no sum of them overflows int64, times and guard factors are finite, a guard event's ratio
+is a number or ``+inf`` (a threshold ≤ 0, :mod:`stableopt.thresholds`). The two density tables
 are also checked against each other (:func:`check_density`): every node belongs to a recorded
 density and one of its probes, and each probe's weights sum to 1.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from array import array
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -172,14 +174,15 @@ RULES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "elapsed": (0.0, None, False, True),
     "event_old_factor": (0.0, None, False, True),
     "event_new_factor": (0.0, None, False, True),
-    "event_ratio": (None, None, False, True),
+    "event_ratio": (None, None, False, True),  # or +inf: see UP_TO_INF
     "density_step": (0, None, True, True),
     "density_probes": (1, _COUNT - 1, False, True),
     "density_iters": (1, _COUNT - 1, False, True),
     "density_hvps": (0, _COUNT - 1, False, True),
     "density_size": (0, 2**62, False, True),
     "density_seconds": (0.0, None, False, True),
-    "density_threshold": (0.0, None, False, False),  # NaN: no single threshold
+    # NaN: no single threshold; +inf: lr 0; <= 0: AdamW with ηλ >= 2 (stableopt.thresholds)
+    "density_threshold": (-sys.float_info.max, None, False, False),
     "density_hvp_backend": (-1, len(HVP_BACKEND_CODES) - 1, False, True),
     "density_dtype": (-1, len(DTYPE_CODES) - 1, False, True),
     "node_density": (0, _COUNT - 1, True, True),
@@ -187,6 +190,11 @@ RULES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "node": (None, None, False, True),
     "node_weight": (0.0, 1.0, False, True),
 }
+
+
+#: columns whose "finite" rule also allows +inf (never NaN or -inf): a guard cut on a ratio of
+#: +inf, the ratio of an update rule whose threshold is <= 0
+UP_TO_INF = frozenset({"event_ratio"})
 
 
 def dynamic_order(name: str) -> tuple[int, int, str]:
@@ -231,8 +239,8 @@ def check_row(name: str, value: float, previous: float | None) -> str | None:
     low, high, monotone, finite = rule
     if math.isnan(value):
         return None if not finite else f"{name} must be a finite number, got {value!r}"
-    if finite and not math.isfinite(value):
-        return f"{name} must be a finite number, got {value!r}"
+    if finite and not math.isfinite(value) and not (value == math.inf and name in UP_TO_INF):
+        return f"{name} must be a finite number{' or +inf' if name in UP_TO_INF else ''}, got {value!r}"
     if (low is not None and value < low) or (high is not None and value > high):
         return f"{name} must lie in [{low}, {'∞' if high is None else high}], got {value!r}"
     if monotone and previous is not None and value < previous:
@@ -249,8 +257,9 @@ def check_columns(columns: Mapping[str, np.ndarray], bad: Callable[[str], Except
         low, high, monotone, finite = rule
         v = values.astype(np.float64) if values.dtype.kind == "f" else values
         present = ~np.isnan(v) if v.dtype.kind == "f" else np.ones(len(v), bool)
-        if finite and v.dtype.kind == "f" and not np.isfinite(v).all():
-            raise bad(f"column {quoted(name)} holds NaN or infinite values, expected finite numbers")
+        if finite and v.dtype.kind == "f" and not (np.isfinite(v) | ((v == np.inf) & (name in UP_TO_INF))).all():
+            expected = "finite numbers or +inf" if name in UP_TO_INF else "finite numbers"
+            raise bad(f"column {quoted(name)} holds NaN or infinite values, expected {expected}")
         w = v[present]
         if len(w) and ((low is not None and w.min() < low) or (high is not None and w.max() > high)):
             raise bad(f"column {quoted(name)} holds values outside [{low}, {'∞' if high is None else high}]")

@@ -17,11 +17,14 @@ BELOW, ABOVE = 0.9, 1.1
 
 
 def zone(ratio: float) -> str:
-    """ "below", "at" or "above" the edge of stability (or "unknown" for NaN).
+    """ "below", "at" or "above" the edge of stability (or "unknown" for NaN and −inf); +inf,
+    the ratio of a threshold ≤ 0 (:mod:`stableopt.thresholds`), is "above".
 
-    >>> zone(0.5), zone(1.05), zone(1.3)
-    ('below', 'at', 'above')
+    >>> zone(0.5), zone(1.05), zone(1.3), zone(math.inf)
+    ('below', 'at', 'above', 'above')
     """
+    if ratio == math.inf:
+        return "above"
     if not math.isfinite(ratio):
         return "unknown"
     return "below" if ratio < BELOW else ("at" if ratio <= ABOVE else "above")

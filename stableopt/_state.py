@@ -13,6 +13,12 @@ middle of one; an interrupted step runs again (each is idempotent) and the first
 re-raised once all are done. Entering is protected the same way, so an interrupt at any moment
 leaves no hook registered and nothing half-restored.
 
+**The guard's lr scale.** :class:`scaled_lr` multiplies each param group's ``lr`` by a factor
+for the duration of one ``step()`` and puts the scheduler's values back on exit, through the
+same machinery: the values are saved before any is changed, and the restore is a
+:func:`run_all` step (a second interrupt in the middle of it runs it again), with the weak-reference
+fallback of :class:`RestoringContext` for an interrupt that keeps ``__exit__`` from starting.
+
 **Threads.** RNG streams and module buffers are process-wide, so a measurement can only restore
 them correctly if nothing else runs meanwhile. One measurement at a time: a measurement started
 while another thread is measuring raises ``RuntimeError`` before it changes anything (the same
@@ -47,6 +53,7 @@ __all__ = [
     "preserved_training_state",
     "remove_global_hook",
     "run_all",
+    "scaled_lr",
 ]
 
 #: attempts per cleanup step before :func:`run_all` gives up on it and moves on
@@ -334,3 +341,55 @@ class grad_disabled(RestoringContext):  # noqa: N801 - a context manager like to
 
     def __init__(self) -> None:
         self._restorer = _GradOff()
+
+
+class _ScaledLR:
+    """The restorer of :class:`scaled_lr`: the lrs it saved, put back idempotently."""
+
+    def __init__(self, groups: Sequence[dict[str, Any]], scale: Sequence[float]) -> None:
+        self.groups = groups
+        self.scale = scale
+        self.saved: list[Any] = []
+        self.watch: Any = None
+        self.done = False
+
+    def enter(self) -> None:
+        saved = self.saved
+        for group in self.groups:  # every lr saved before any is changed
+            saved.append(group["lr"])
+        for group, lr, f in zip(self.groups, saved, self.scale):
+            if f != 1.0:
+                group["lr"] = lr.mul(f) if isinstance(lr, torch.Tensor) else lr * f
+
+    def put_back(self) -> None:
+        for group, lr in zip(self.groups, self.saved):
+            group["lr"] = lr  # the very object the scheduler left there
+
+    def restore(self) -> None:
+        if not self.done:
+            run_all([self.put_back, self.finish])
+
+    def finish(self) -> None:
+        self.done = True
+        self.watch = None  # the weak reference's callback refers back to this object
+
+    def exit(self, *exc: object) -> None:
+        self.restore()
+
+
+class scaled_lr(RestoringContext):  # noqa: N801 - a context manager used like a function
+    """Within the block each ``groups[i]["lr"]`` is multiplied by ``scale[i]`` (the guard's
+    factors); on exit the saved values are put back, even when interrupts arrive during the
+    restore (see the module docstring). A tensor lr is scaled out of place, so the scheduler's
+    tensor itself is never written.
+
+    >>> groups = [{"lr": 0.5}, {"lr": 0.25}]
+    >>> with scaled_lr(groups, [0.1, 1.0]):
+    ...     [g["lr"] for g in groups]
+    [0.05, 0.25]
+    >>> [g["lr"] for g in groups]
+    [0.5, 0.25]
+    """
+
+    def __init__(self, groups: Sequence[dict[str, Any]], scale: Sequence[float]) -> None:
+        self._restorer = _ScaledLR(groups, scale)

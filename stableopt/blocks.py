@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from .eigen import LanczosResult
 from .operator import CurvatureOperator, Measurement
+from .thresholds import edge_ratio, unstable_threshold
 
 __all__ = ["BlockSharpness", "ModuleWatcher", "check_blocks", "column_stems", "measure_blocks", "watch"]
 
@@ -51,8 +52,10 @@ class BlockSharpness:
     Attributes:
         name: the block's name.
         preconditioned: λ_max(P_b^{-1/2}·H_bb·P_b^{-1/2}) (H with sign and coupled decay).
-        threshold: the block's stability threshold (NaN when its groups' thresholds differ).
-        ratio: the block's edge ratio: λ_max of the block of D^{1/2}·H·D^{1/2}, D = 1/(τ·P).
+        threshold: the block's stability threshold (NaN when its groups' thresholds differ;
+            the lowest when one is ≤ 0).
+        ratio: the block's edge ratio: λ_max of the block of D^{1/2}·H·D^{1/2}, D = 1/(τ·P);
+            ``+inf`` when a threshold of its groups is ≤ 0 (:mod:`stableopt.thresholds`).
         size: the number of coordinates in the block.
         hvps: Hessian-vector products its solves used.
         residual: the largest relative Ritz residual of its solves.
@@ -215,14 +218,21 @@ def measure_blocks(m: Measurement, spec: Any, watcher: ModuleWatcher | None, sol
     out = {}
     for name, idx in blocks.items():
         before = m.products
-        tau = _common([float(m.groups[group_of[i]].threshold) for i in idx])
+        taus = [float(m.groups[group_of[i]].threshold) for i in idx]
+        low = unstable_threshold(taus)  # a threshold <= 0: ratio +inf, no ratio operator
+        tau = _common(taus) if low is None else low
         results = [solve(pre.restrict(idx), f"block:{name}")]
         if math.isnan(tau):
             ratio_op = ratio_op or m.operator("ratio")
             results.append(solve(ratio_op.restrict(idx), f"block:{name}:ratio"))
         finite = all(r.finite for r in results)
         lam = float(results[0].eigenvalues[0]) if finite else math.nan
-        ratio = (float(results[1].eigenvalues[0]) if len(results) > 1 else lam / tau) if finite else math.nan
+        if low is not None:
+            ratio = math.inf
+        elif not finite:
+            ratio = math.nan
+        else:
+            ratio = float(results[1].eigenvalues[0]) if len(results) > 1 else edge_ratio(lam, tau)
         out[name] = BlockSharpness(
             name=name,
             preconditioned=lam,

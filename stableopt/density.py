@@ -26,6 +26,7 @@ import torch
 
 from .krylov import tridiagonalize
 from .linear_operator import LinearOperator
+from .thresholds import edge_ratio
 from .trace import MeasurementInfo, rademacher
 
 __all__ = ["DensityReport", "check_sigma", "lanczos_quadrature", "smoothing_width"]
@@ -140,7 +141,8 @@ class DensityReport(MeasurementInfo):
     def __str__(self) -> str:
         what = "P⁻¹H" if self.preconditioned else "H"
         lo, hi = self.support
-        edge = f", top node / threshold {hi / self.threshold:.3f}" if math.isfinite(self.threshold) else ""
+        ratio = edge_ratio(hi, self.threshold)  # +inf for a threshold <= 0
+        edge = f", top node / threshold {ratio:.3f}" if math.isfinite(self.threshold) else ""
         return (
             f"step {self.step}: spectral density of {what} from {self.probes} probes × {self.iters} Lanczos steps: "
             f"support [{lo:.4g}, {hi:.4g}], mean {self.moment(1):.4g}{edge} ({self.hvps} HVPs, {self.seconds:.3f} s)"

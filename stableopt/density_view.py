@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .density import check_sigma, smoothing_width
+from .thresholds import edge_ratio
 
 __all__ = ["MAX_DRAWN", "add_density_rows", "densities_to_draw", "draw_densities"]
 
@@ -117,8 +118,8 @@ def add_density_rows(grid: Any, history: Any) -> None:
             (f"step {d.step}", "bold"),
             f"  eigenvalues of {what} in [{_num(lo)}, {_num(hi)}], mean {_num(d.moment(1))}",
         )
-        if math.isfinite(d.threshold) and d.threshold > 0:
-            body.append(f"  top node / τ {hi / d.threshold:.3f}")
+        if math.isfinite(d.threshold):  # +inf for τ <= 0 (stableopt.thresholds)
+            body.append(f"  top node / τ {edge_ratio(hi, d.threshold):.3f}")
     hvps = sum(r.hvps for r in reports)
     seconds = sum(r.seconds for r in reports)
     body.append(

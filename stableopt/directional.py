@@ -47,6 +47,7 @@ from torch import Tensor
 from .backends import BackendChoice, check_backend
 from .operator import CurvatureOperator, MeasuredGroup, measure
 from .space import is_dtensor, local_tensor
+from .thresholds import unstable_threshold
 from .updates import UpdateTracker as UpdateTracker  # re-exported: it was defined here
 from .updates import update_tracker as update_tracker
 
@@ -70,7 +71,8 @@ class DirectionalReport:
         step: optimizer steps taken when measured.
         value: uᵀHu / uᵀPu (NaN for a zero direction or a non-finite loss/product).
         threshold: τ of the groups along u: Σ_g τ_g·u_gᵀP_gu_g / uᵀPu (with one threshold, τ).
-        ratio: uᵀHu / Σ_g τ_g·u_gᵀP_gu_g, so 1 = the edge; ≤ the edge ratio of ``sharpness()``.
+        ratio: uᵀHu / Σ_g τ_g·u_gᵀP_gu_g, so 1 = the edge; ≤ the edge ratio of ``sharpness()``;
+            ``+inf`` when u moves a group whose threshold is ≤ 0 (:mod:`stableopt.thresholds`).
         direction: ``"update"``, ``"gradient"`` or ``"explicit"``.
         hvps: Hessian-vector products used (1; 0 when the direction is zero).
         seconds: wall time of the measurement.
@@ -119,6 +121,14 @@ def directional_curvature(
     quad = torch.stack([op.dot(u, op.matvec(u)), op.dot(u, pu), op.dot(u, tpu)])
     curvature, metric, weighted = (float(x) for x in quad.double().tolist())
     return curvature, metric, weighted
+
+
+def _nonpositive_metric(m: Any, u: Tensor, precond: Tensor) -> float:
+    """Σ u·P·u over the coordinates whose threshold is ≤ 0 (all-reduced when sharded): > 0 when
+    ``u`` moves a group that is unstable at any curvature."""
+    keep = torch.isfinite(precond) & (m.thresholds() <= 0) & (u != 0)
+    zero = torch.zeros_like(u)
+    return float(m.space.dot(torch.where(keep, u, zero), torch.where(keep, precond * u, zero)))
 
 
 def _flat(space: Any, tensors: Sequence[Tensor | None]) -> Tensor:
@@ -277,6 +287,9 @@ def _estimate(
                 step, label, m, t0, f"the {label} direction is zero on every coordinate the optimizer moves", m.products
             )
         curvature, metric, weighted = directional_curvature(m.operator("raw"), u, P, m.thresholds())
+        # a group with threshold <= 0 along u: unstable at any curvature, ratio +inf
+        unstable = unstable_threshold(float(g.threshold) for g in groups if len(g.params)) is not None
+        unstable = unstable and _nonpositive_metric(m, u, P) > 0
     if not (math.isfinite(curvature) and metric > 0 and math.isfinite(metric)):
         return _nan_report(
             step, label, m, t0, "the Hessian-vector product or uᵀPu is not finite and positive", m.products
@@ -286,7 +299,7 @@ def _estimate(
         step=step,
         value=curvature / metric,
         threshold=taus.pop() if len(taus) == 1 else weighted / metric,
-        ratio=curvature / weighted if weighted > 0 else math.nan,
+        ratio=math.inf if unstable else (curvature / weighted if weighted > 0 else math.nan),
         direction=label,
         hvps=m.products,
         seconds=m.agree_seconds(time.perf_counter() - t0),

@@ -31,14 +31,14 @@ def add_directional_rows(grid: Any, history: Any) -> None:
     for kind, cols in _by_kind(history):
         ratio = float(cols["directional_ratio"][-1])
         recent = cols["directional_ratio"][-DIRECTIONAL_WINDOW:]
-        recent = recent[np.isfinite(recent)]
+        recent = recent[np.isfinite(recent) | (recent == np.inf)]  # +inf: a threshold <= 0
         peak = float(recent.max()) if len(recent) else math.nan
         grid.add_row(
             f"along the {kind}",
             Text.assemble(
                 (_num(float(cols["directional"][-1])), "bold"),
                 "  ratio ",
-                (f"{ratio:.3f}" if math.isfinite(ratio) else "—", ZONE_STYLE[zone(ratio)]),
+                (f"{ratio:.3f}" if math.isfinite(ratio) or ratio == math.inf else "—", ZONE_STYLE[zone(ratio)]),
                 f"  (max {peak:.3f} over the last {len(recent)} measurements)",
                 ("\nuᵀHu/uᵀPu, one HVP each: a lower bound on λ_max(P⁻¹H); noisy with mini-batches", "dim"),
             ),

@@ -5,7 +5,8 @@ attached to (``stableopt.Adam(..., guard=True)``), and when the dimensionless ra
 (λ_max(P⁻¹H) over the stability threshold, 1 = the edge; see docs/science.md) crosses a trigger it
 lowers a multiplicative factor on the learning rate of the param groups. The factor lives next to
 ``group["lr"]``, never in it: the optimizer multiplies ``group["lr"]`` by the factor inside
-``step()`` and restores it in a ``finally`` block, so any torch lr scheduler keeps owning
+``step()`` and puts the scheduler's value back on the way out, even when interrupted during
+that restore (:class:`stableopt._state.scaled_lr`), so any torch lr scheduler keeps owning
 ``group["lr"]`` and scheduler and guard compose as the product of the two.
 
 Why the rule is linear in the ratio: every threshold in the docs/science.md table is ∝ 1/η (Adam
@@ -27,6 +28,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from . import _guard_settings as _settings
+from . import _hooks
 from ._checkpoint import check_guard_state
 from ._guard_settings import SIGNALS as SIGNALS  # re-exported: it was defined here
 from .backends import check_backend
@@ -52,9 +54,12 @@ class LRGuard:
     * **relax** — ρ < ``recovery`` for ``patience`` measurements in a row:
       f ← min(``cap``, f · min(``relax_rate``, ``target``/ρ)). Gradual (at most ×``relax_rate``
       per action) and never past what would put the ratio above ``target``.
-    * nothing otherwise. A measurement whose ratio is not finite, or that did not converge,
-      never changes the factor (and restarts the recovery count: the guard never raises the lr
+    * nothing otherwise. A measurement whose ratio is NaN, or that did not converge, never
+      changes the factor (and restarts the recovery count: the guard never raises the lr
       across a failed measurement).
+    * a ratio of ``+inf`` — a threshold ≤ 0, e.g. AdamW with ηλ ≥ 2, whose decay alone is
+      unstable (:mod:`stableopt.thresholds`) — is a cut to ``floor`` (``target``/ρ = 0), also
+      during ``warmup`` and from an unconverged solve: that verdict needs neither.
 
     Defaults and why:
 
@@ -248,10 +253,10 @@ class LRGuard:
             self._handles.append(optimizer.register_directional_hook(self._on_measurement))
         else:
             self._handles.append(optimizer.register_measurement_hook(self._on_measurement))
-        self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+        self._handles.append(_hooks.register_step_pre_hook(optimizer, self._before_step))
         optimizer._stableopt_components["guard"] = self
         if self.every is not None:
-            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+            self._handles.append(_hooks.register_step_post_hook(optimizer, self._after_step))
         return self
 
     def attach(
@@ -340,7 +345,10 @@ class LRGuard:
         """
         if self._optimizer is None:
             raise RuntimeError("LRGuard.observe: the guard is not attached to an optimizer (pass it as guard= to one)")
-        if step < self.warmup_steps() or not converged or not math.isfinite(ratio):
+        # +inf: a threshold <= 0, unstable at any curvature (stableopt.thresholds): no transient,
+        # no solve decides that verdict, so it cuts (to the floor) in any case
+        unstable = ratio == math.inf
+        if not unstable and (step < self.warmup_steps() or not converged or not math.isfinite(ratio)):
             self.skipped += 1
             if step >= self.warmup_steps():
                 self._below = 0
@@ -380,9 +388,14 @@ class LRGuard:
                 history.append_event(e.step, e.group, e.old_factor, e.new_factor, e.ratio, e.reason)
         if reason == "cut" and not self._warned_floor and any(n <= self.floor for n in new):
             self._warned_floor = True
+            why = (
+                "a stability threshold <= 0: the update is unstable at any curvature (AdamW: lr × weight_decay >= 2)"
+                if unstable
+                else "the learning rate is far above the edge of stability"
+            )
             warnings.warn(
                 f"stableopt LRGuard: the lr factor reached its floor ({self.floor:g}) at step {step} "
-                f"(ratio {ratio:.3g}); the learning rate is far above the edge of stability — lower it",
+                f"(ratio {ratio:.3g}); {why} — lower it",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -410,7 +423,9 @@ class LRGuard:
 
     def prepare_load(self, state: Any) -> Callable[[], None]:
         """Check a :meth:`state_dict`; returns the commit that loads it (and cannot fail)."""
-        checked = check_guard_state(state)
+        opt = self._optimizer
+        groups = len(opt.param_groups) if opt is not None else None
+        checked = check_guard_state(state, floor=self.floor, cap=self.cap, groups=groups)
         factors = checked["factors"]
 
         def commit() -> None:

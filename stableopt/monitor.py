@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _hooks
 from ._live import ABOVE as ABOVE  # re-exported: the zone bounds were defined here
 from ._live import BELOW as BELOW
 from ._live import LiveView as _LiveView
@@ -216,6 +217,10 @@ class MonitorSet:
         self.console: Any = None
         self._secant_users = 0
         self._secant_hook: Any = None
+        self._secant: SecantTracker | None = None  # while a monitor with secant=True is active
+        #: a checkpoint's secant snapshot, kept for the next tracker (monitors come back after
+        #: load_state_dict), in state-dict form
+        self._secant_saved: dict[str, Any] | None = None
         self._step_hook: Any = None  # one torch step post hook runs every monitor
         self._dispatching = False  # True while monitors measure inside step()
 
@@ -313,11 +318,14 @@ class MonitorSet:
     def _attach(self, monitor: Monitor) -> None:
         opt = self.optimizer
         if self._step_hook is None:
-            self._step_hook = opt.register_step_post_hook(self._after_step)
+            self._step_hook = _hooks.register_step_post_hook(opt, self._after_step)
         if monitor.secant:
             self._secant_users += 1
             if self._secant_hook is None:  # one tracker however many monitors ask for it
-                self._secant_hook = opt.register_step_pre_hook(SecantTracker(opt))
+                tracker = SecantTracker(opt)
+                tracker.load_state_dict(self._secant_saved)  # a resumed run's snapshot
+                self._secant, self._secant_saved = tracker, None
+                self._secant_hook = _hooks.register_step_pre_hook(opt, tracker)
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Run the monitors due at this step. Iterates over a copy, so that a monitor removed
@@ -344,7 +352,7 @@ class MonitorSet:
             self._secant_users -= 1
             if self._secant_users == 0 and self._secant_hook is not None:
                 self._secant_hook.remove()  # a pre hook: torch is not iterating those now
-                self._secant_hook = None
+                self._secant_hook = self._secant = None
         # torch iterates the post hooks while monitors measure: removing ours from inside would
         # break that loop, so a dormant hook stays until a monitor is added or removed outside
         self._prune()
@@ -359,7 +367,15 @@ class MonitorSet:
     # -- the optimizer's state dict ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         schedules = [m.schedule() for m in self.monitors.values()] + [dict(s) for s in self.restored]
-        return {"schedules": schedules, "next_id": self._next_id}
+        state: dict[str, Any] = {"schedules": schedules, "next_id": self._next_id}
+        secant = self._secant.state_dict() if self._secant is not None else self._secant_saved
+        if secant is not None:  # θ_{t−1}, g_{t−1}: the first step after a resume records too
+            state["secant"] = {
+                "step": secant["step"],
+                "theta": [t.detach().clone() for t in secant["theta"]],
+                "grad": [g.detach().clone() for g in secant["grad"]],
+            }
+        return state
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         self.prepare_load(state)()
@@ -368,15 +384,25 @@ class MonitorSet:
         """Check saved schedules (``ValueError`` naming the field); returns the commit."""
         if not state:
             return self.reset
-        from ._checkpoint import check_monitor_state
+        from ._checkpoint import check_monitor_state, check_secant_state
 
         schedules, next_id = check_monitor_state(state)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        secant = check_secant_state(state.get("secant"), params)
 
         def commit() -> None:
             self.restored = [s for s in schedules if s["id"] not in self.monitors]
             self._next_id = max(self._next_id, next_id)
+            self._load_secant(secant)
 
         return commit
 
+    def _load_secant(self, secant: dict[str, Any] | None) -> None:
+        if self._secant is not None:
+            self._secant.load_state_dict(secant)
+        else:
+            self._secant_saved = secant
+
     def reset(self) -> None:
         self.restored = []
+        self._load_secant(None)

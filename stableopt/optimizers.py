@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 from . import _checkpoint
 from . import directional as _directional
 from . import rules as _rules
+from ._state import scaled_lr as _scaled_lr
 from .backends import BackendChoice
 from .guard import LRGuard
 from .measuring import START_VECTOR_SEED as START_VECTOR_SEED  # re-exported: it was defined here
@@ -201,12 +202,17 @@ class StabilityMixin(MeasuringMixin):
 
         torch wraps ``cls.step`` once with the code that runs step pre/post hooks; this method is
         that ``cls.step`` and calls torch's *unwrapped* step, so hooks run exactly once, around
-        the whole step, and see ``group["lr"]`` as the scheduler left it.
+        the whole step, and see ``group["lr"]`` as the scheduler left it. The scheduler's values
+        come back even when a ``KeyboardInterrupt`` arrives during the step or during their
+        restore (:class:`stableopt._state.scaled_lr`).
         """
         scale = self._stableopt_lr_scale
         if scale is None:
             loss = self._torch_step(closure)
-        else:
+        elif not torch.compiler.is_compiling():
+            with _scaled_lr(self.param_groups, scale):  # restored even if interrupted twice
+                loss = self._torch_step(closure)
+        else:  # dynamo traces a plain try/finally, not the interrupt-safe context manager
             saved = [group["lr"] for group in self.param_groups]
             try:
                 for group, lr, f in zip(self.param_groups, saved, scale):

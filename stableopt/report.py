@@ -22,6 +22,7 @@ from ._text import literal, text
 from .directional_view import add_directional_rows
 from .monitor import ABOVE, BELOW, zone
 from .report_estimators import add_estimator_rows
+from .thresholds import edge_ratio
 
 __all__ = ["print_report", "render_report", "render_saved", "sparkline", "terminal_chart", "trend"]
 
@@ -69,7 +70,7 @@ def sparkline(values: Sequence[float], *, width: int = 48, top: float | None = N
     hi = float(top) if top is not None else float(finite.max())
     hi = max(hi, lo + 1e-300)
     for v in vals:
-        if not math.isfinite(v):
+        if not math.isfinite(v) and v != math.inf:  # +inf (a ratio at a threshold <= 0): the top
             text.append(" ")
             continue
         level = int(round(_fraction(v, lo, hi) * (len(_BLOCKS) - 1)))
@@ -182,7 +183,7 @@ def render_report(history: Any, *, title: str | Text | None = None, spark_width:
     for g in range(_group_count(history)):
         lr = float(last.get(f"lr_{g}", math.nan))
         tau = float(last.get(f"threshold_{g}", math.nan))
-        per = float(last["preconditioned"]) / tau if tau and math.isfinite(tau) else math.nan
+        per = edge_ratio(float(last["preconditioned"]), tau)  # +inf for τ <= 0
         groups.add_row(
             str(g),
             f"{lr:.4g}",
@@ -232,7 +233,7 @@ def render_report(history: Any, *, title: str | Text | None = None, spark_width:
     if len(sec["secant"]):
         s_ratio = float(sec["secant_ratio"][-1])
         recent = sec["secant_ratio"][-SECANT_WINDOW:]
-        recent = recent[np.isfinite(recent)]
+        recent = recent[np.isfinite(recent) | (recent == np.inf)]  # +inf: a threshold <= 0
         peak = float(recent.max()) if len(recent) else math.nan
         grid.add_row(
             "secant estimate",
@@ -330,7 +331,8 @@ def _chart(
     text = Text()
     text.append(title + "\n", style="bold")
     if not ok.any():
-        text.append("  (no finite values)\n", style="dim")
+        note = "; +inf: a threshold <= 0" if bool((ys == np.inf).any()) else ""
+        text.append(f"  (no finite values{note})\n", style="dim")
         return text
     x0, x1 = float(xs[0]), float(xs[-1])
     xs, ys = xs[ok].astype(float), ys[ok].astype(float)

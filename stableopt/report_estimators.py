@@ -43,7 +43,8 @@ def latest_blocks(history: Any) -> tuple[int, list[tuple[str, float, float]]]:
     if not names or not len(cols["step"]):
         return -1, []
     ratios = np.stack([cols[f"block_{n}_ratio"] for n in names])
-    rows = np.flatnonzero(np.isfinite(ratios).any(axis=0))
+    shown = np.isfinite(ratios) | (ratios == np.inf)  # +inf: a block with a threshold <= 0
+    rows = np.flatnonzero(shown.any(axis=0))
     if not len(rows):
         return -1, []
     i = int(rows[-1])
@@ -51,7 +52,7 @@ def latest_blocks(history: Any) -> tuple[int, list[tuple[str, float, float]]]:
     for n in names:
         lmax = cols.get(f"block_{n}_lmax")
         ratio = float(cols[f"block_{n}_ratio"][i])
-        if math.isfinite(ratio):
+        if math.isfinite(ratio) or ratio == math.inf:
             out.append((n, float(lmax[i]) if lmax is not None else math.nan, ratio))
     out.sort(key=lambda row: -row[2])
     return int(cols["step"][i]), out
@@ -88,7 +89,7 @@ def add_estimator_rows(grid: Table, history: Any) -> None:
             Text.assemble(
                 (f"{float(track['track'][-1]):.4g}", "bold"),
                 "  ratio ",
-                (f"{ratio:.3f}" if math.isfinite(ratio) else "—", _style(ratio)),
+                (f"{ratio:.3f}" if math.isfinite(ratio) or ratio == math.inf else "—", _style(ratio)),
                 f"  residual ≤ {float(track['track_residual'][-1]):.2g}",
                 (f"\n{len(track['track_step'])} steps, ≤ {int(track['track_hvps'].max())} HVPs each", "dim"),
             ),

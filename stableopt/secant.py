@@ -7,7 +7,8 @@ the optimizer actually took, from gradients the training loop computes anyway:
 
 with P the preconditioner of the step that made Δθ (plus the sign of ``maximize`` and λ‖Δθ‖²
 for coupled weight decay, as in the measured Hessian). ``secant_ratio`` divides by
-Σ_g τ_g·Δθ_gᵀP_gΔθ_g instead, so that 1 is the edge. It is an *estimate*: for a full-batch loss,
+Σ_g τ_g·Δθ_gᵀP_gΔθ_g instead, so that 1 is the edge (``+inf`` when the step moved a group whose
+threshold is ≤ 0, :mod:`stableopt.thresholds`). It is an *estimate*: for a full-batch loss,
 Δg = H̄Δθ with H̄ the Hessian averaged along the step, so s_t is a Rayleigh quotient of P⁻¹H̄
 and a lower bound on λ_max(P⁻¹H) (exact for a quadratic; near the edge the update oscillates
 along the top eigenvector and the bound is tight). With mini-batches g_t and g_{t−1} come from
@@ -17,7 +18,9 @@ inside a ``step(closure)``, or not one step apart are skipped. It costs two copi
 parameters and a few vector operations per step, so it is opt-in.
 
 :class:`SecantTracker` is the step pre hook that ``opt.monitor(..., secant=True)`` registers; it
-writes ``secant`` and ``secant_ratio`` into ``opt.history``.
+writes ``secant`` and ``secant_ratio`` into ``opt.history``. Its snapshot (θ_{t−1}, g_{t−1} and
+the step it was taken at) is part of the optimizer's state dict, so a resumed run records the
+first step after the resume as the uninterrupted run did.
 """
 
 from __future__ import annotations
@@ -73,6 +76,29 @@ class SecantTracker:
                 self._grad = [g.clone() for g in grads]
             self._at = step
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """The snapshot (copies), or None before the first one: ``{"step", "theta", "grad"}``."""
+        if self._theta is None or self._grad is None:
+            return None
+        return {
+            "step": self._at,
+            "theta": [t.detach().clone() for t in self._theta],
+            "grad": [g.detach().clone() for g in self._grad],
+        }
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Take a snapshot back (checked by :func:`stableopt._checkpoint.check_secant_state`;
+        None: forget it). Tensors are copied to each parameter's device and dtype."""
+        if state is None:
+            self._theta = self._grad = None
+            self._at = -1
+            return
+        params = self._params()
+        with torch.no_grad():
+            self._theta = [t.to(device=p.device, dtype=p.dtype, copy=True) for t, p in zip(state["theta"], params)]
+            self._grad = [g.to(device=p.device, dtype=p.dtype, copy=True) for g, p in zip(state["grad"], params)]
+        self._at = state["step"]
+
     def _record(
         self,
         optimizer: Any,
@@ -89,6 +115,9 @@ class SecantTracker:
         sums = []
         i = 0
         rule = optimizer.stability_rule
+        if not dtheta:
+            return
+        zero = torch.zeros((), dtype=torch.float64, device=dtheta[0].device)
         for group, tau in zip(optimizer.param_groups, taus):
             sign = rule.sign(group)
             decay = rule.coupled_weight_decay(group)
@@ -99,8 +128,16 @@ class SecantTracker:
                 if decay:
                     num = num + decay * sq.sum()
                 pden = torch.where(sq > 0, sq * P.to(sq.dtype), torch.zeros_like(sq)).sum()
-                sums.append(torch.stack([num.double(), pden.double(), pden.double() * tau]))
+                if tau == math.inf:  # lr 0: the group did not move (inf · 0 would be NaN)
+                    tpden = torch.where(pden > 0, pden.double() * tau, zero)
+                    sums.append(torch.stack([num.double(), pden.double(), tpden, zero]))
+                elif tau > 0:
+                    sums.append(torch.stack([num.double(), pden.double(), pden.double() * tau, zero]))
+                else:  # a threshold <= 0 (τ·ΔθᵀPΔθ would be 0 or negative): its share of ΔθᵀPΔθ
+                    sums.append(torch.stack([num.double(), pden.double(), zero, pden.double()]))
                 i += 1
-        num, den, tden = torch.stack(sums).sum(0).tolist()  # one device sync per step
+        num, den, tden, unstable = torch.stack(sums).sum(0).tolist()  # one device sync per step
         if den > 0 and math.isfinite(den) and math.isfinite(num):
-            optimizer.history.append_secant(step, num / den, num / tden if tden > 0 else math.nan)
+            # the step moved a group with threshold <= 0: unstable at any curvature, ratio +inf
+            ratio = math.inf if unstable > 0 else (num / tden if tden > 0 else math.nan)
+            optimizer.history.append_secant(step, num / den, ratio)

@@ -29,6 +29,7 @@ from . import blocks as _blocks
 from .backends import BackendChoice
 from .eigen import GAP_RESIDUAL_CAP, LanczosResult, lanczos
 from .operator import CurvatureOperator, MeasuredGroup, Measurement, measure
+from .thresholds import edge_ratio, unstable_threshold
 
 __all__ = ["SharpnessGroup", "SharpnessReport", "common_threshold", "estimate_sharpness", "warm_start_vector"]
 
@@ -77,13 +78,16 @@ class SharpnessReport:
         step: optimizer steps taken when measured (H at θ_step paired with the P of that step).
         preconditioned: λ_max(P⁻¹H).
         threshold: the stability threshold τ (with groups of different τ, the effective
-            ``preconditioned / ratio``).
-        ratio: the dimensionless edge ratio (1 = the edge of stability).
+            ``preconditioned / ratio``; the lowest τ when one is ≤ 0).
+        ratio: the dimensionless edge ratio (1 = the edge of stability); ``+inf`` when a
+            group's threshold is ≤ 0 (AdamW with ηλ ≥ 2: unstable at any curvature, see
+            :mod:`stableopt.thresholds`).
         raw: λ_max(H), or None when not asked for.
         eigenvalues: the top ``k`` eigenvalues of P⁻¹H, largest first.
         hvps: Hessian-vector products used.
         residual: the largest relative Ritz residual ‖Ax − θx‖/|θ| among the solves.
-        converged: every solve met its tolerance and every value is finite.
+        converged: every solve met its tolerance and every eigenvalue is finite (the ratio
+            may still be ``+inf``: it needs no solve then).
         seconds: wall time of the measurement.
         thresholds: τ of each param group.
         loss: the loss at the measured parameters.
@@ -138,7 +142,7 @@ def _nan_report(
         step=step,
         preconditioned=nan,
         threshold=common_threshold(groups),
-        ratio=nan,
+        ratio=math.inf if _unstable(groups) is not None else nan,  # no curvature needed
         raw=nan if raw else None,
         eigenvalues=(nan,) * k,
         hvps=m.products,
@@ -150,6 +154,11 @@ def _nan_report(
         dtype=str(m.space.dtype).replace("torch.", ""),
         hvp_backend=m.backend,
     )
+
+
+def _unstable(groups: Sequence[SharpnessGroup]) -> float | None:
+    """The lowest threshold of a group with parameters when it is ≤ 0 (ratio +inf), else None."""
+    return unstable_threshold(float(g.threshold) for g in groups if len(g.params))
 
 
 def common_threshold(groups: Sequence[SharpnessGroup]) -> float:
@@ -328,7 +337,8 @@ def _estimate(
 
     results = [solve(m.operator("preconditioned"), k)]
     common = common_threshold(groups)
-    if math.isnan(common):
+    low = _unstable(groups)  # a threshold <= 0: ratio +inf, no ratio operator (its D is not real)
+    if math.isnan(common) and low is None:
         results.append(solve(m.operator("ratio"), 1))
     if raw:
         results.append(solve(m.operator("raw"), 1))
@@ -346,11 +356,13 @@ def _estimate(
 
     eig = (top("preconditioned", results[0]),) + tuple(float(x) for x in results[0].eigenvalues[1:])
     pre = eig[0]
-    if math.isnan(common):
+    if low is not None:
+        ratio, threshold = math.inf, low
+    elif math.isnan(common):
         ratio = top("ratio", results[1])
         threshold = pre / ratio if ratio != 0 else math.nan
     else:
-        ratio, threshold = pre / common, common
+        ratio, threshold = edge_ratio(pre, common), common
     return SharpnessReport(
         step=step,
         preconditioned=pre,

@@ -39,12 +39,35 @@ def local_tensor(p: Tensor) -> Tensor:
     return p.to_local() if is_dtensor(p) else p  # type: ignore[attr-defined]
 
 
+def _mesh_key(mesh: Any) -> tuple[Any, ...]:
+    """What makes two device meshes the same mesh: device type, the ranks in their layout (the
+    mesh tensor: its shape and every rank at its place) and the dimension names."""
+    ranks = mesh.mesh
+    return (str(mesh.device_type), tuple(ranks.shape), tuple(ranks.flatten().tolist()), mesh.mesh_dim_names)
+
+
 def _mesh_of(params: Sequence[Tensor]) -> Any:
-    meshes = {id(p.device_mesh): p.device_mesh for p in params if is_dtensor(p)}  # type: ignore[attr-defined]
+    """The one device mesh of the DTensor parameters.
+
+    Meshes that are equal (same device type, ranks, shape and dimension names) are one mesh,
+    whatever their identity: ``fully_shard`` without ``mesh=`` creates a new default mesh
+    object per call, so ``fully_shard(layer)`` for each layer and then ``fully_shard(model)``
+    leaves equal meshes that are distinct objects.
+    """
+    meshes: dict[tuple[Any, ...], Any] = {}
+    for p in params:
+        if is_dtensor(p):
+            mesh = p.device_mesh  # type: ignore[attr-defined]
+            meshes.setdefault(_mesh_key(mesh), mesh)
     if len(meshes) > 1:
+        described = "; ".join(
+            f"{device} {list(shape)} ranks {list(ranks)[:8]}{' ...' if len(ranks) > 8 else ''}"
+            + (f" dims {list(names)}" if names else "")
+            for device, shape, ranks, names in list(meshes)[:3]
+        )
         raise ValueError(
-            f"sharded parameters live on {len(meshes)} different device meshes; stableopt measures "
-            "models whose DTensor parameters share one mesh (one fully_shard mesh)"
+            f"sharded parameters live on {len(meshes)} different device meshes ({described}); stableopt "
+            "measures models whose DTensor parameters share one mesh (one fully_shard mesh)"
         )
     return next(iter(meshes.values()))
 

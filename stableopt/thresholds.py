@@ -8,20 +8,56 @@ returned here (Cohen et al. 2022, arXiv:2207.14484, Appendix; see docs/science.m
 Every function takes the learning rate ``lr`` (η) first and returns the threshold on ``a`` as a
 Python float (``inf`` for η = 0: a group that does not move cannot become unstable). The tests check each formula by running the torch optimizer itself on
 f = ½·a·x² with P held fixed: it converges at 0.98× the threshold and diverges at 1.02×.
+
+**Thresholds ≤ 0.** AdamW's threshold (1 + β1)(2 − ηλ)/((1 − β1)η) is 0 at ηλ = 2 and negative
+beyond: the decoupled decay alone, θ ← (1 − ηλ)θ, is then at or past its own stability limit
+(|1 − ηλ| ≥ 1), so the update is unstable along every direction of curvature ≥ τ — every flat
+direction included, whatever λ_max. :func:`edge_ratio`, which every ratio of stableopt goes
+through (sharpness, per-block, tracking, directional, secant, report), makes such a ratio
+``+inf`` rather than dividing by τ (a ``ZeroDivisionError``, or a negative ratio that would read
+"below the edge"), and the lr guard cuts on it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 __all__ = [
     "adam_threshold",
+    "edge_ratio",
     "gd_threshold",
     "heavy_ball_threshold",
     "nesterov_threshold",
     "rmsprop_threshold",
     "sgd_threshold",
+    "unstable_threshold",
 ]
+
+
+def edge_ratio(value: float, threshold: float) -> float:
+    """``value / threshold``, the dimensionless edge ratio (1 = the edge); ``+inf`` for a
+    threshold ≤ 0, an update rule unstable at any curvature (see the module docstring), and 0
+    for an infinite one (η = 0) with a finite ``value``; NaN for a NaN threshold.
+
+    >>> edge_ratio(19.0, 38.0), edge_ratio(0.15, 0.0), edge_ratio(0.15, -19.0), edge_ratio(5.0, math.inf)
+    (0.5, inf, inf, 0.0)
+    """
+    value, threshold = float(value), float(threshold)
+    if threshold <= 0.0:
+        return math.inf
+    if threshold == math.inf and math.isfinite(value):
+        return 0.0
+    return value / threshold if threshold > 0.0 else math.nan
+
+
+def unstable_threshold(thresholds: Iterable[float]) -> float | None:
+    """The lowest of ``thresholds`` when it is ≤ 0 (the ratio is then ``+inf``), else None.
+
+    >>> unstable_threshold([38.0, 0.0, -19.0]), unstable_threshold([38.0, math.nan])
+    (-19.0, None)
+    """
+    return min((float(t) for t in thresholds if float(t) <= 0.0), default=None)
 
 
 def _check_lr(lr: float) -> float:

@@ -175,21 +175,25 @@ def track(
         measurements).
     """
     from .sharpness import SharpnessReport, common_threshold
+    from .thresholds import edge_ratio, unstable_threshold
 
     t0 = time.perf_counter()
     groups = optimizer._sharpness_groups()
     common = common_threshold(groups)
+    low = unstable_threshold(float(g.threshold) for g in groups if len(g.params))
+    if low is not None:  # a threshold <= 0: ratio +inf; track λ_max(P⁻¹H) (the ratio's D is not real)
+        common = low
     warm = optimizer.warm_starts
     if tracker.x is None and key in warm:
         tracker.x = warm[key][0].clone()
     with optimizer.measure(loss_fn, batches=batches, hvp=hvp) as m:
-        op = m.operator("preconditioned" if math.isfinite(common) else "ratio")
+        op = m.operator("preconditioned" if math.isfinite(common) else "ratio")  # τ <= 0 is finite
         est = tracker.step(op) if math.isfinite(m.loss) else TrackEstimate(math.nan, math.nan, 0, True)
         hvps = m.products
         seconds = m.agree_seconds(time.perf_counter() - t0)
     if tracker.x is not None:
         warm[key] = tracker.x.detach().clone()[None]
-    pre, ratio = (est.value, est.value / common) if math.isfinite(common) else (math.nan, est.value)
+    pre, ratio = (est.value, edge_ratio(est.value, common)) if math.isfinite(common) else (math.nan, est.value)
     step = optimizer.steps_taken
     optimizer.history.append_track(step, pre, ratio, est.residual, hvps)
     return SharpnessReport(

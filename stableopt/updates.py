@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _hooks
 from .space import local_tensor
 
 __all__ = ["UpdateTracker", "update_tracker"]
@@ -36,7 +37,7 @@ class UpdateTracker:
 
     def acquire(self) -> _TrackerHandle:
         if self._hook is None:
-            self._hook = self.optimizer.register_step_pre_hook(self._before_step)
+            self._hook = _hooks.register_step_pre_hook(self.optimizer, self._before_step)
         self.users += 1
         return _TrackerHandle(self)
 

@@ -85,17 +85,23 @@ def test_load_then_state_dict_gives_the_dict_back_and_the_clock_continues():
     assert "elapsed" not in sd["stableopt"]["components"]["history"]
 
 
-def test_weights_only_checkpoint_resumes_the_same_history():
+@pytest.mark.parametrize("monitor_first", [False, True], ids=["load-then-monitor", "monitor-then-load"])
+def test_weights_only_checkpoint_resumes_the_same_history(monitor_first):
     model, opt, loss_fn = _trained(steps=4)
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)  # only tensors and plain values inside
+    assert len(loaded["stableopt"]["components"]["monitors"]["secant"]["theta"]) == 4
     model2, opt2 = _fresh(model)
-    opt2.load_state_dict(loaded)
     x, y = loss_fn.__closure__[-2].cell_contents, loss_fn.__closure__[-1].cell_contents
     loss_fn2 = lambda: ((model2(x) - y) ** 2).mean()  # noqa: E731
-    opt2.monitor(loss_fn2)  # takes the saved schedule back
+    if monitor_first:  # the same monitor, added before the checkpoint is loaded
+        opt2.monitor(loss_fn2, every=2, secant=True, raw=True, k=2)
+        opt2.load_state_dict(loaded)
+    else:
+        opt2.load_state_dict(loaded)
+        opt2.monitor(loss_fn2)  # takes the saved schedule back
     for o, f in ((opt, loss_fn), (opt2, loss_fn2)):
         for _ in range(4):
             o.zero_grad()
@@ -108,11 +114,12 @@ def test_weights_only_checkpoint_resumes_the_same_history():
             if name not in ("seconds", "elapsed"):  # wall times differ
                 assert values.tobytes() == h2.column(name).tobytes(), name  # the same run, bit for bit
     assert h2.events() == h.events()
-    # the secant estimate needs two consecutive steps after the resume: only step 5 is missing
+    # the secant snapshot (θ_{t−1}, g_{t−1}) is in the checkpoint: the first step after the
+    # resume is recorded as in the uninterrupted run
     s, s2 = h.secant(), h2.secant()
-    assert s["secant_step"].tolist() == [1, 2, 3, 4, 5, 6, 7] and s2["secant_step"].tolist() == [1, 2, 3, 5, 6, 7]
-    keep = s["secant_step"] != 4
-    assert s["secant"][keep].tobytes() == s2["secant"].tobytes()
+    assert s["secant_step"].tolist() == s2["secant_step"].tolist() == [1, 2, 3, 4, 5, 6, 7]
+    for name in s:
+        assert s[name].tobytes() == s2[name].tobytes(), name
 
 
 def _tampered():
@@ -193,7 +200,58 @@ def _tampered():
             lambda sd: sd["stableopt"]["components"]["guard"].__setitem__("skipped", -1),
         ),
         ("entry not a dict", "expected a dict", lambda sd: sd.__setitem__("stableopt", [1, 2])),
+        ("secant not a dict", "secant must be a dict", lambda sd: _monitors(sd).__setitem__("secant", [1])),
+        ("secant theta short", "list of 4 tensors", lambda sd: _secant(sd)["theta"].pop()),
+        (
+            "secant grad shape",
+            r"grad\[0\] has shape \(2, 2\)",
+            lambda sd: _secant(sd)["grad"].__setitem__(0, torch.ones(2, 2)),
+        ),
+        (
+            "secant int tensor",
+            "dense floating-point",
+            lambda sd: _secant(sd)["theta"].__setitem__(1, torch.ones(6, dtype=torch.long)),
+        ),
+        ("secant step", "secant step must be an integer", lambda sd: _secant(sd).__setitem__("step", -1)),
+        # absurd values: out of the guard's own range, counters past 2**53, inconsistent counts
+        ("guard factor 1e308", r"a factor 1e\+308 is above this guard's cap \(1.0\)", _guard_set("factors", [1e308])),
+        ("guard factor 11", r"a factor 11.0 is above this guard's cap", _guard_set("factors", [11.0])),
+        ("guard factor 1e-9", r"a factor 1e-09 is below this guard's floor \(0.01\)", _guard_set("factors", [1e-9])),
+        ("guard common", r"common 1e\+308 is above this guard's cap", _guard_set("common", 1e308)),
+        ("guard factors count", "2 factors for an optimizer with 1 param groups", _guard_set("factors", [0.5, 0.5])),
+        ("guard counter 1e30", r"measurements must be below 2\*\*53", _guard_set("measurements", 10**30)),
+        ("guard below", "cannot exceed measurements", _guard_set("below", 10**6)),
+        ("absurd step", r"step must be below 2\*\*53", lambda sd: sd["stableopt"].__setitem__("step", 10**20)),
+        (
+            "absurd measurements",
+            r"measurements must be below 2\*\*53",
+            lambda sd: sd["stableopt"].__setitem__("measurements", 2**60),
+        ),
+        (
+            "history after the step",
+            "history's step column reaches step 4",
+            lambda sd: sd["stableopt"].__setitem__("step", 3),
+        ),
+        ("secant at the step", "secant snapshot was taken at step 4", lambda sd: _secant(sd).__setitem__("step", 4)),
+        ("schedule id", "not below next_id", lambda sd: _monitors(sd)["schedules"][0].__setitem__("id", 7)),
+        (
+            "absurd next_id",
+            r"next_id must be an integer in \[0, 2\*\*31\)",
+            lambda sd: _monitors(sd).__setitem__("next_id", 2**40),
+        ),
     ]
+
+
+def _guard_set(key, value):
+    return lambda sd: sd["stableopt"]["components"]["guard"].__setitem__(key, value)
+
+
+def _monitors(sd):
+    return sd["stableopt"]["components"]["monitors"]
+
+
+def _secant(sd):
+    return sd["stableopt"]["components"]["monitors"]["secant"]
 
 
 @pytest.mark.parametrize("what, problem, change", _tampered(), ids=[t[0] for t in _tampered()])

@@ -114,7 +114,7 @@ def _density(step, nodes, weights, probes=None, iters=5, **kw):
         (_density(3, ((1.0,), (2.0,)), ((1.0,), (1.0,)), probes=1), "names probe 1 of density 0"),
         (_density(3, ((1.0, 2.0, 3.0),), ((0.2, 0.3, 0.5),), iters=2), "3 nodes on one probe"),
         (_density(1, ((1.0,),), ((1.0,),)), "went back from 2"),
-        (_density(3, ((1.0,),), ((1.0,),), threshold=-1.0), "'density_threshold' holds values outside"),
+        (_density(3, ((1.0,),), ((1.0,),), threshold=-math.inf), "'density_threshold' holds values outside"),
     ],
     ids=["weights-sum", "ragged", "inf-node", "negative-weight", "probe-count", "over-iters", "step-back", "threshold"],
 )

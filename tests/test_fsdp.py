@@ -3,16 +3,20 @@
 Every rank holds a shard of every parameter and of every Lanczos vector; products are finite
 differences through FSDP's own forward and backward. The measurement must equal one process on
 the unsharded model and data, leave every rank's shards untouched, and a rank that fails must
-make every rank raise instead of waiting in FSDP's collectives.
+make every rank raise instead of waiting in FSDP's collectives. The recipe of
+docs/distributed.md, read from the docs and run as written (no ``mesh=``: one default mesh
+object per ``fully_shard`` call), must work too.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +28,7 @@ import stableopt
 
 WORLD = 2
 SAMPLES = (3, 5)  # uneven shards of the data, to check the sample weighting across ranks
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
 
 
 def _model() -> nn.Module:
@@ -62,7 +67,7 @@ def _state(opt):
     return [(k, _locals([v])[0]) for s in opt.state.values() for k, v in sorted(s.items())]
 
 
-def _unsharded_twin(model, opt, cls=stableopt.Adam):
+def _unsharded_twin(model, opt, cls=stableopt.Adam, make=_model):
     """One process's copy of the model and optimizer, from the full (gathered) tensors."""
     full = {k: v.full_tensor() for k, v in model.state_dict().items()}  # a collective: all ranks
     sd = opt.state_dict()
@@ -70,13 +75,62 @@ def _unsharded_twin(model, opt, cls=stableopt.Adam):
         i: {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in s.items()}
         for i, s in sd["state"].items()
     }
-    ref = _model()
+    ref = make()
     ref.load_state_dict(full)
     ref_opt = cls(ref.parameters(), lr=1e-2)
     ref_opt.load_state_dict(
         copy.deepcopy({"state": state, "param_groups": sd["param_groups"], "stableopt": sd["stableopt"]})
     )
     return ref, ref_opt
+
+
+class _Layered(nn.Module):
+    """A model with ``.layers``, as the docs' recipe has it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(4, 7), nn.Linear(7, 3)]).double()
+
+    def forward(self, x):
+        return self.layers[1](torch.tanh(self.layers[0](x)))
+
+
+def docs_recipe() -> str:
+    """The code block of docs/distributed.md's FSDP2 section, verbatim."""
+    section = DOCS.read_text(encoding="utf-8").split("## FSDP2", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert match is not None, "docs/distributed.md: no python block in the FSDP2 section"
+    return match.group(1)
+
+
+def _recipe(rank: int, results: dict) -> None:
+    """The docs' recipe as written: fully_shard(layer) per layer, then fully_shard(model), no
+    mesh= anywhere, so every call makes its own default mesh object (equal meshes)."""
+    from torch.distributed.fsdp import fully_shard
+
+    stableopt.distributed.configure(sharded_timeout=30.0)
+    x_all, y_all = _data()
+    half = len(x_all) // WORLD  # equal shards: a plain loss_fn averages ranks like FSDP does
+    x, y = x_all[rank * half : (rank + 1) * half], y_all[rank * half : (rank + 1) * half]
+    model = _Layered()
+    loss_fn = lambda: mse(model(x), y)  # noqa: E731
+    scope = {"model": model, "fully_shard": fully_shard, "stableopt": stableopt, "loss_fn": loss_fn}
+    exec(docs_recipe(), scope)  # the recipe defines opt
+    opt = scope["opt"]
+    results["recipe_meshes"] = len({id(p.device_mesh) for p in model.parameters()})
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    rep = opt.sharpness(loss_fn, raw=True, k=2, tol=1e-10)
+    ref, ref_opt = _unsharded_twin(model, opt, stableopt.AdamW, _Layered)
+    with stableopt.distributed.local():
+        expected = ref_opt.sharpness(
+            lambda: mse(ref(x_all[: WORLD * half]), y_all[: WORLD * half]), raw=True, k=2, tol=1e-10, hvp="autograd"
+        )
+    results["recipe"] = (rep.preconditioned, rep.ratio, rep.raw, rep.eigenvalues, rep.hvp_backend)
+    results["recipe_expected"] = (expected.preconditioned, expected.ratio, expected.raw, expected.eigenvalues)
 
 
 def _scenarios(rank: int, results: dict) -> None:
@@ -146,6 +200,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     results: dict = {}
+    try:  # first: the failure scenario at the end of _scenarios leaves the process group out of step
+        _recipe(rank, results)
+    except BaseException:  # noqa: BLE001 - reported by the recipe's own test
+        results["recipe_error"] = traceback.format_exc()
     try:
         _scenarios(rank, results)
     except BaseException:  # noqa: BLE001 - reported to the parent through the file
@@ -201,3 +259,18 @@ def test_a_failing_rank_makes_every_rank_raise_without_hanging(fsdp_results):
         assert "during a sharded (FSDP2) measurement" in message
         assert seconds < 60.0  # bounded by sharded_timeout (5 s here), not the 30-minute default
     assert "boom on rank 1" in fsdp_results[1]["failure"][0]
+
+
+def test_the_docs_recipe_without_a_mesh_equals_one_process_on_the_unsharded_model(fsdp_results):
+    recipe = docs_recipe()
+    assert "fully_shard(layer)" in recipe and "fully_shard(model)" in recipe and "mesh" not in recipe
+    for res in fsdp_results:
+        assert "recipe_error" not in res, res["recipe_error"]
+        assert res["recipe_meshes"] > 1  # distinct (equal) mesh objects: what the recipe makes
+        (pre, ratio, raw, eig, backend), (e_pre, e_ratio, e_raw, e_eig) = res["recipe"], res["recipe_expected"]
+        assert backend == "fd"
+        assert pre == pytest.approx(e_pre, rel=1e-6)
+        assert ratio == pytest.approx(e_ratio, rel=1e-6)
+        assert raw == pytest.approx(e_raw, rel=1e-6)
+        assert eig == pytest.approx(e_eig, rel=1e-6)
+    assert fsdp_results[0]["recipe"] == fsdp_results[1]["recipe"]

@@ -114,7 +114,7 @@ def test_relax_never_overshoots_the_target():
     assert opt.sharpness(q).ratio == pytest.approx(0.9, rel=1e-3)
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("bad", [math.nan, -math.inf])  # +inf (a threshold <= 0) cuts: test_degenerate.py
 def test_guard_never_acts_on_non_finite_ratios(bad):
     q, opt = _sgd(lr=0.01)
     events = opt.guard.observe(bad, step=5)

@@ -1,21 +1,21 @@
 """Interrupts at random moments: a ``KeyboardInterrupt`` injected at a random moment of the code
 that sets up and restores a measurement (alone, or while that code handles a first exception
-from ``loss_fn``), of a history append or load, and of the secant tracker inside ``step()``,
-never leaves anything behind: no global hook, grad mode and autocast as they were,
-half-precision parameters and BatchNorm buffers bitwise restored, RNG streams rewound, no
-ragged history. The moments are those where CPython delivers a signal's exception — a function
-starting, a call returning — picked by ``sys.setprofile`` at a seeded random count, so the trials
-are deterministic and bounded."""
+from ``loss_fn``), of a history append or load, of the secant tracker inside ``step()``, and of
+a guarded ``step()`` that scales the lr and puts the scheduler's value back (alone, or while a
+first exception unwinds), never leaves anything behind: no global hook, grad mode and autocast
+as they were, half-precision parameters and BatchNorm buffers bitwise restored, RNG streams
+rewound, no ragged history, no lr left scaled. The moments are those where CPython delivers a
+signal's exception — a function starting, a call returning — picked by ``sys.setprofile`` (and,
+for the lr restore, every line too, ``sys.settrace``) at a seeded random count, so the trials
+are deterministic and bounded. The injector is ``tests/_interrupt.py``'s :class:`Interrupter`."""
 
 from __future__ import annotations
-
-import random
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.optim.optimizer as torch_optimizer
+from _interrupt import SEED, Interrupter, sample_moments
 from torch import nn
 
 import stableopt
@@ -26,39 +26,9 @@ import stableopt.history
 import stableopt.secant
 from stableopt.history import History
 
-SEED = 20240611
 # an interrupt inside the weak-reference fallback of an already restored context (it then does
 # nothing) is reported by Python as "ignored": harmless, and expected at random moments
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-class Injector:
-    """A ``sys.setprofile`` function that raises ``KeyboardInterrupt`` at the ``at``-th moment
-    (0: never; ``count`` then tells how many there were) where CPython can deliver one: a
-    function starting, and a call (Python or C) returning, in ``files`` or called from them."""
-
-    def __init__(self, files, at=0, armed=True):
-        self.files = set(files)
-        self.at, self.armed, self.count, self.fired = at, armed, 0, False
-
-    def __call__(self, frame, event, arg):
-        if not self.armed or self.fired or event == "c_exception":
-            return
-        parent = frame.f_back
-        if frame.f_code.co_filename in self.files or (
-            event in ("call", "return") and parent is not None and parent.f_code.co_filename in self.files
-        ):
-            self.count += 1
-            if self.count == self.at:
-                self.fired = True
-                raise KeyboardInterrupt("injected")
-
-    def run(self, fn):
-        sys.setprofile(self)
-        try:
-            return fn()
-        finally:
-            sys.setprofile(None)
 
 
 def _files(*modules):
@@ -113,7 +83,7 @@ def _assert_restored(before, model):
 def _trial(model, opt, x, y, at, *, fail_at=None, count_only=False):
     """One measurement under autocast with an interrupt at opcode ``at`` of _state/_precision
     (after loss_fn raised Boom on its ``fail_at``-th call, when given)."""
-    injector = Injector(_files(stableopt._state, stableopt._precision), at, armed=fail_at is None)
+    injector = Interrupter(_files(stableopt._state, stableopt._precision), at, armed=fail_at is None)
     calls = [0]
 
     def loss_fn():
@@ -144,8 +114,7 @@ def test_interrupts_anywhere_in_setup_and_restore_leave_nothing_behind(second):
     fail_at = 1 if second else None  # loss_fn runs once: the HVPs reuse its graph
     total = _trial(model, opt, x, y, 0, fail_at=fail_at).count  # opcodes of an uninterrupted run
     assert total > 100
-    rng = random.Random(SEED + second)
-    points = sorted(rng.sample(range(1, total + 1), min(total, 300)))
+    points = sample_moments(total, 300, SEED + second)
     fired = 0
     for at in points:
         fired += _trial(model, opt, x, y, at, fail_at=fail_at).fired
@@ -186,13 +155,12 @@ def test_an_interrupted_append_adds_a_whole_row_or_none(tmp_path):
     for _ in range(2):  # the second run counts: the first fills caches (compiled column patterns)
         probe = History()
         probe._append("measurements", _row(0))
-        counter = Injector(files)
+        counter = Interrupter(files)
         counter.run(lambda probe=probe: probe._append("measurements", _row(1)))
-    rng = random.Random(SEED)
-    for at in sorted(rng.sample(range(1, counter.count + 1), min(counter.count, 120))):
+    for at in sample_moments(counter.count, 120):
         h = History()
         h._append("measurements", _row(0))
-        injector = Injector(files, at)
+        injector = Interrupter(files, at)
         try:
             injector.run(lambda h=h: h._append("measurements", _row(1)))
         except KeyboardInterrupt:
@@ -215,13 +183,12 @@ def test_an_interrupted_density_append_adds_a_whole_density_or_none(tmp_path):
     for _ in range(2):  # the second run counts (caches filled by the first)
         probe = History()
         probe.append_density(_density(0))
-        counter = Injector(files)
+        counter = Interrupter(files)
         counter.run(lambda probe=probe: probe.append_density(_density(1)))
-    rng = random.Random(SEED)
-    for at in sorted(rng.sample(range(1, counter.count + 1), min(counter.count, 120))):
+    for at in sample_moments(counter.count, 120):
         h = History()
         h.append_density(_density(0))
-        injector = Injector(files, at)
+        injector = Interrupter(files, at)
         try:
             injector.run(lambda h=h: h.append_density(_density(1)))
         except KeyboardInterrupt:
@@ -245,14 +212,13 @@ def test_an_interrupted_history_load_state_dict_is_all_old_or_all_new():
     new.append_event(12, 0, 1.0, 0.5, 1.4, "cut")
     state = new.state_dict()
     files = _files(stableopt.history, stableopt._columns)
-    counter = Injector(files)
+    counter = Interrupter(files)
     counter.run(lambda: History().load_state_dict(state))
-    rng = random.Random(SEED)
-    for at in sorted(rng.sample(range(1, counter.count + 1), min(counter.count, 120))):
+    for at in sample_moments(counter.count, 120):
         h = History()
         h.load_state_dict(old.state_dict())
         try:
-            Injector(files, at).run(lambda h=h: h.load_state_dict(state))
+            Interrupter(files, at).run(lambda h=h: h.load_state_dict(state))
         except KeyboardInterrupt:
             pass
         steps = h.column("step").tolist()
@@ -273,12 +239,11 @@ def test_an_interrupted_secant_tracker_leaves_grad_mode_on():
         opt.step()
 
     step()
-    counter = Injector(files)
+    counter = Interrupter(files)
     counter.run(step)
-    rng = random.Random(SEED)
     fired = 0
-    for at in sorted(rng.sample(range(1, counter.count + 1), min(counter.count, 100))):
-        injector = Injector(files, at)
+    for at in sample_moments(counter.count, 100):
+        injector = Interrupter(files, at)
         try:
             injector.run(step)
         except KeyboardInterrupt:
@@ -286,3 +251,56 @@ def test_an_interrupted_secant_tracker_leaves_grad_mode_on():
         assert torch.is_grad_enabled()
         fired += injector.fired  # (a step after an interrupted one can run fewer opcodes)
     assert fired >= 80
+
+
+def _guarded_sgd():
+    torch.manual_seed(0)
+    w, v = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3))
+    opt = stableopt.SGD([{"params": [w]}, {"params": [v], "lr": 0.02}], lr=0.01, momentum=0.9, guard=True)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.guard.observe(2.0, step=opt.steps_taken)  # a cut: every step now runs at lr × 0.45
+    assert opt.guard.factors == [0.45, 0.45]
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum() + (v**4).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # the scheduler steps after the optimizer
+    return opt, scheduler, closure
+
+
+@pytest.mark.parametrize("second", [False, True], ids=["interrupt", "interrupt-while-handling-an-exception"])
+def test_an_interrupted_step_puts_the_schedulers_lr_back(second):
+    """Interrupts anywhere in a guarded step() — at any line of the code that scales and puts
+    back the lr, and at every call and return around it — never leave group["lr"] scaled; with
+    ``second`` the interrupt comes while the restore handles a first exception (the closure's)."""
+    targets = [stableopt.optimizers, stableopt._state]
+
+    def trial(at):
+        opt, scheduler, closure = _guarded_sgd()
+        scheduler.step()  # the scheduler's values: 0.005 and 0.01
+        lrs = [g["lr"] for g in opt.param_groups]
+        interrupter = Interrupter(targets, at, armed=not second, lines=True)
+
+        def failing():
+            closure()
+            interrupter.armed = True  # from here on only the restore runs
+            raise Boom
+
+        try:
+            interrupter.run(lambda: opt.step(failing if second else closure))
+        except (KeyboardInterrupt, Boom):
+            pass
+        assert [g["lr"] for g in opt.param_groups] == lrs, f"lr left scaled (moment {at})"
+        assert all(type(g["lr"]) is float for g in opt.param_groups)
+        opt.step(closure)  # and training goes on, with the cut
+        assert [g["lr"] for g in opt.param_groups] == lrs
+        assert opt.effective_lr() == pytest.approx([0.45 * lr for lr in lrs])
+        return interrupter
+
+    total = trial(0).count
+    assert total > 5
+    fired = sum(trial(at).fired for at in sample_moments(total, 150, SEED + second))
+    assert fired == min(total, 150)
