@@ -50,6 +50,8 @@ __all__ = [
     "RNGSnapshot",
     "RestoringContext",
     "grad_disabled",
+    "grads_aside",
+    "overwritten",
     "preserved_training_state",
     "remove_global_hook",
     "run_all",
@@ -393,3 +395,94 @@ class scaled_lr(RestoringContext):  # noqa: N801 - a context manager used like a
 
     def __init__(self, groups: Sequence[dict[str, Any]], scale: Sequence[float]) -> None:
         self._restorer = _ScaledLR(groups, scale)
+
+
+class _Overwrite:
+    """The restorer of :class:`overwritten`: ``write()`` on entry, the originals copied back."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], originals: Sequence[torch.Tensor], write: Any) -> None:
+        self.tensors, self.originals, self.write = tensors, originals, write
+        self.watch: Any = None
+        self.done = False
+
+    def enter(self) -> None:
+        self.write()
+
+    def put_back(self) -> None:
+        for t, t0 in zip(self.tensors, self.originals):
+            t.detach().copy_(t0)  # detached: no grad mode to switch (and to leave switched)
+
+    def restore(self) -> None:
+        if not self.done:
+            run_all([self.put_back, self.finish])
+
+    def finish(self) -> None:
+        self.done = True
+        self.watch = None  # the weak reference's callback refers back to this object
+
+    def exit(self, *exc: object) -> None:
+        self.restore()
+
+
+class overwritten(RestoringContext):  # noqa: N801 - a context manager used like a function
+    """Within the block ``write()`` has overwritten ``tensors`` in place; on exit each is copied
+    back from ``originals`` (snapshots of the same shapes), bit for bit, even when interrupts
+    arrive during the write or the copy back (see the module docstring). The ``"fd"`` backend
+    perturbs the parameters this way.
+
+    >>> w = torch.zeros(2)
+    >>> with overwritten([w], [w.clone()], lambda: w.add_(1.0)):
+    ...     w.tolist()
+    [1.0, 1.0]
+    >>> w.tolist()
+    [0.0, 0.0]
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], originals: Sequence[torch.Tensor], write: Any) -> None:
+        self._restorer = _Overwrite(tensors, originals, write)
+
+
+class _GradsAside:
+    """The restorer of :class:`grads_aside`: every ``.grad`` set aside on entry, put back."""
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.params = params
+        self.saved = [p.grad for p in params]
+        self.watch: Any = None
+        self.done = False
+
+    def enter(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def put_back(self) -> None:
+        for p, g in zip(self.params, self.saved):
+            p.grad = g
+
+    def restore(self) -> None:
+        if not self.done:
+            run_all([self.put_back, self.finish])
+
+    def finish(self) -> None:
+        self.done = True
+        self.watch = None
+
+    def exit(self, *exc: object) -> None:
+        self.restore()
+
+
+class grads_aside(RestoringContext):  # noqa: N801 - a context manager used like a function
+    """Within the block every ``p.grad`` of ``params`` is None (a ``backward()`` there fills
+    them afresh); on exit the tensors that were there are put back, even when interrupted.
+
+    >>> w = torch.ones(1, requires_grad=True); w.grad = torch.full((1,), 7.0)
+    >>> with grads_aside([w]):
+    ...     w.grad is None
+    True
+    >>> w.grad.item()
+    7.0
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self._restorer = _GradsAside(params)
+

@@ -50,7 +50,7 @@ error check. The errors measured are in ``docs/backends.md``.
 **Side effects.** The parameters are written in place (so that any model, compiled or sharded,
 sees the perturbed values through its own code), and after every gradient they are copied back
 from a snapshot taken when the backend is built: bit for bit what they were, with no drift from
-θ + εx − εx. The copy back runs through :func:`stableopt._state.run_all`, so a second
+θ + εx − εx. The copy back runs through :class:`stableopt._state.overwritten`, so a second
 ``KeyboardInterrupt`` arriving during it still leaves every parameter restored. ``.grad`` is not
 touched: gradients come from ``torch.autograd.grad`` or, for FSDP2 (DTensor) parameters, whose
 gradients only exist after FSDP's reduce-scatter, from ``backward()`` with every ``.grad`` put
@@ -69,7 +69,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ._state import run_all
+from ._state import grads_aside, overwritten
 from .hvp import HVP, accumulate, batch_weights, check_gradients, check_loss, check_params
 from .space import is_dtensor, local_tensor
 
@@ -172,19 +172,9 @@ class FDStats:
 
 def _backward_gradients(loss: Tensor, params: Sequence[Tensor]) -> Gradients:
     """∇loss by ``backward()`` (FSDP2 reduce-scatters it into ``.grad``), ``.grad`` restored."""
-    saved = [p.grad for p in params]
-
-    def put_back() -> None:
-        for p, g in zip(params, saved):
-            p.grad = g
-
-    try:
-        for p in params:
-            p.grad = None
+    with grads_aside(params):
         loss.backward()
         return [None if p.grad is None else local_tensor(p.grad) for p in params]
-    finally:
-        run_all([put_back])
 
 
 def _sub(a: Gradients, b: Gradients, like: Sequence[Tensor]) -> list[Tensor]:
@@ -298,20 +288,15 @@ def make_fd_hvp(
     stats.compute_dtype = min(_FLOATING, key=lambda d: abs(math.log(torch.finfo(d).eps / u)))
     theta_max = norm_inf(theta0)
 
-    def restore() -> None:
-        with torch.no_grad():
-            for t, t0 in zip(locals_, theta0):
-                t.copy_(t0)
-
     def gradient_at(vectors: Sequence[Tensor], h: float) -> Gradients:
         """∇L(θ + h·v), the parameters put back bit for bit (also when interrupted twice)."""
-        try:
-            with torch.no_grad():
-                for t, t0, x in zip(locals_, theta0, vectors):
-                    t.copy_(torch.add(t0, x.to(t0.dtype), alpha=h))
+
+        def write() -> None:
+            for t, t0, x in zip(locals_, theta0, vectors):
+                t.detach().copy_(torch.add(t0, x.to(t0.dtype), alpha=h))
+
+        with overwritten(locals_, theta0, write):
             return gradient()
-        finally:
-            run_all([restore])
 
     def central(x: Sequence[Tensor], h: float) -> list[Tensor]:
         """D(h) = (∇L(θ + h·x) − ∇L(θ − h·x)) / 2h."""

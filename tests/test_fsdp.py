@@ -133,6 +133,53 @@ def _recipe(rank: int, results: dict) -> None:
     results["recipe_expected"] = (expected.preconditioned, expected.ratio, expected.raw, expected.eigenvalues)
 
 
+def _mixed_precision(rank: int, results: dict) -> None:
+    """FSDP2 with a bf16 MixedPrecisionPolicy: the forward's matrix products run in bf16. fd
+    must see that (compute dtype), step by bf16's resolution and flag the result instead of
+    reporting a value 44% off as converged; a float32 policy on the same model converges."""
+    import warnings
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    x_all, y_all = _data()
+    half = len(x_all) // WORLD
+    x, y = x_all[rank * half : (rank + 1) * half].float(), y_all[rank * half : (rank + 1) * half].float()
+    out = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        model = _Layered().float()
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for layer in model.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        opt = stableopt.Adam(model.parameters(), lr=1e-2)
+        loss_fn = lambda model=model: mse(model(x), y)  # noqa: E731
+        for _ in range(5):
+            opt.zero_grad()
+            loss_fn().backward()
+            opt.step()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rep = opt.sharpness(loss_fn, raw=True)
+        ref, ref_opt = _unsharded_twin(model, opt, stableopt.Adam, lambda: _Layered().float())
+        with stableopt.distributed.local():
+            expected = ref_opt.sharpness(
+                lambda: mse(ref(x_all[: WORLD * half].float()), y_all[: WORLD * half].float()),
+                raw=True,
+                tol=1e-6,
+                hvp="autograd",
+            )
+        out[name] = (
+            rep.preconditioned,
+            rep.raw,
+            rep.converged,
+            rep.hvp_error,
+            [str(w.message) for w in caught],
+            expected.preconditioned,
+            expected.raw,
+        )
+    results["mixed_precision"] = out
+
+
 def _scenarios(rank: int, results: dict) -> None:
     stableopt.distributed.configure(sharded_timeout=30.0)  # a desynchronised test fails fast
     x_all, y_all = _data()
@@ -205,6 +252,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     except BaseException:  # noqa: BLE001 - reported by the recipe's own test
         results["recipe_error"] = traceback.format_exc()
     try:
+        _mixed_precision(rank, results)
+    except BaseException:  # noqa: BLE001 - reported by its own test
+        results["mixed_precision_error"] = traceback.format_exc()
+    try:
         _scenarios(rank, results)
     except BaseException:  # noqa: BLE001 - reported to the parent through the file
         results["error"] = traceback.format_exc()
@@ -274,3 +325,18 @@ def test_the_docs_recipe_without_a_mesh_equals_one_process_on_the_unsharded_mode
         assert raw == pytest.approx(e_raw, rel=1e-6)
         assert eig == pytest.approx(e_eig, rel=1e-6)
     assert fsdp_results[0]["recipe"] == fsdp_results[1]["recipe"]
+
+
+def test_a_bf16_mixed_precision_policy_is_flagged_and_a_float32_one_converges(fsdp_results):
+    for res in fsdp_results:
+        assert "mixed_precision_error" not in res, res["mixed_precision_error"]
+        pre, raw, converged, error, warned, e_pre, e_raw = res["mixed_precision"]["bf16"]
+        assert not converged and error > 1e-3  # flagged, with its estimated error ...
+        assert any("bfloat16" in w and "converged=False" in w for w in warned)
+        # ... an honest one: the value is within its estimated error of one float32 process
+        assert abs(pre / e_pre - 1) <= error and abs(raw / e_raw - 1) <= error
+        pre, raw, converged, error, warned, e_pre, e_raw = res["mixed_precision"]["fp32"]
+        assert converged and error <= 1e-3 and not any("converged=False" in w for w in warned)
+        assert pre == pytest.approx(e_pre, rel=2e-3) and raw == pytest.approx(e_raw, rel=2e-3)
+    assert fsdp_results[0]["mixed_precision"]["bf16"][:4] == fsdp_results[1]["mixed_precision"]["bf16"][:4]
+

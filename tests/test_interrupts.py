@@ -4,7 +4,9 @@ from ``loss_fn``), of a history append or load, of the secant tracker inside ``s
 a guarded ``step()`` that scales the lr and puts the scheduler's value back (alone, or while a
 first exception unwinds), never leaves anything behind: no global hook, grad mode and autocast
 as they were, half-precision parameters and BatchNorm buffers bitwise restored, RNG streams
-rewound, no ragged history, no lr left scaled. The moments are those where CPython delivers a
+rewound, no ragged history, no lr left scaled; an fd measurement (its probes, products and
+checks) interrupted anywhere — also while a first exception from ``loss_fn`` unwinds out of a
+product — leaves the parameters bitwise as they were. The moments are those where CPython delivers a
 signal's exception — a function starting, a call returning — picked by ``sys.setprofile`` (and,
 for the lr restore, every line too, ``sys.settrace``) at a seeded random count, so the trials
 are deterministic and bounded. The injector is ``tests/_interrupt.py``'s :class:`Interrupter`."""
@@ -304,3 +306,59 @@ def test_an_interrupted_step_puts_the_schedulers_lr_back(second):
     assert total > 5
     fired = sum(trial(at).fired for at in sample_moments(total, 150, SEED + second))
     assert fired == min(total, 150)
+
+
+def _fd_setup():
+    """A LayerNorm model whose key-bias-like coordinate never moves the loss (BatchNorm next to
+    a bias): every part of the fd backend runs — probe, products, shortening, check."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 2))
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    opt = stableopt.Adam(model.parameters(), lr=1e-2)
+    loss_fn = lambda: ((model(x) - y) ** 2).mean()  # noqa: E731
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    return model, opt, loss_fn, x, y
+
+
+@pytest.mark.parametrize("second", [False, True], ids=["interrupt", "interrupt-while-handling-an-exception"])
+def test_an_interrupted_fd_measurement_leaves_the_parameters_bitwise_and_training_unchanged(second):
+    """Interrupts at any line of the fd backend — inside a product, between the perturbation and
+    its copy back, in the middle of the copy back, while a first exception from loss_fn unwinds —
+    leave every parameter and gradient bitwise as before, and the next step equals a twin's."""
+    import stableopt.finite_difference
+
+    targets = [stableopt.finite_difference, stableopt._state]  # the backend and its restorers
+
+    def trial(at):
+        model, opt, loss_fn, x, y = _fd_setup()
+        twin, twin_opt, twin_loss, _, _ = _fd_setup()
+        before = _snapshot(model)
+        interrupter = Interrupter(targets, at, armed=not second, lines=True)
+        calls = [0]
+
+        def failing():
+            calls[0] += 1
+            if second and calls[0] == 6:  # inside a product: θ is perturbed now
+                interrupter.armed = True
+                raise Boom
+            return loss_fn()
+
+        try:
+            interrupter.run(lambda: opt.sharpness(failing, hvp="fd"))
+        except (KeyboardInterrupt, Boom):
+            pass
+        _assert_restored(before, model)
+        for o, lf in ((opt, loss_fn), (twin_opt, twin_loss)):  # training goes on as if nothing happened
+            o.zero_grad()
+            lf().backward()
+            o.step()
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters())), f"moment {at}"
+        return interrupter
+
+    total = trial(0).count
+    assert total > 20
+    fired = sum(trial(at).fired for at in sample_moments(total, 80, SEED + 7 + second))
+    assert fired == min(total, 80)
