@@ -12,7 +12,9 @@ through :func:`stableopt.estimate_sharpness` with one warm-start dict carried fr
 measurement (the first one cold) and the optimizer's start-vector generators: every 25 and every
 100 steps, at tol 1e-3 and 1e-2, on the "after" states and on the "before" states. A measurement
 is within its bound when its relative error against the reference is ≤ tol (cold) or ≤ 2·tol
-(warm), the bounds the docs state.
+(warm), the bounds the docs state. Every schedule is replayed twice: with the library's rules
+("default") and with the gap rule's start guard off (``GAP_START_SHIFT`` = ∞, the rules before
+issue 20), from the same states and references.
 
 States and references are cached under ``$STABLEOPT_REPLAY_CACHE`` (default
 ``/tmp/stableopt-warm-replay``; about 5 MB per state on the mlp), so a second run only replays.
@@ -21,7 +23,9 @@ States and references are cached under ``$STABLEOPT_REPLAY_CACHE`` (default
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -44,6 +48,8 @@ TOLS = (1e-3, 1e-2)
 #: "before": the state one step later, what a measurement before the next step sees
 OFFSETS = {"after": 0, "before": 1}
 REF_TOL = 1e-8
+#: the library as it is, and with the gap rule's start guard off (the rules before issue 20)
+VARIANTS = {"default": {}, "no start guard": {"GAP_START_SHIFT": math.inf}}
 STEPS = int(sys.argv[sys.argv.index("--steps") + 1]) if "--steps" in sys.argv else (800 if QUICK else 1000)
 CACHE = Path(os.environ.get("STABLEOPT_REPLAY_CACHE", "/tmp/stableopt-warm-replay"))
 
@@ -187,12 +193,25 @@ def replay(pb, refs: dict[int, list[float]], *, every: int, tol: float, offset: 
     return rows
 
 
+@contextlib.contextmanager
+def variant(settings: dict):
+    saved = {k: getattr(E, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(E, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(E, k, v)
+
+
 def summarize(rows: list[dict]) -> dict:
     warm = [r for r in rows if not r["cold"]]
     hv = [r["hvps"] for r in warm]
     worst = max(rows, key=lambda r: abs(r["rel_error"]) / r["bound"])
     return dict(
         measurements=len(rows),
+        over_tol=sum(abs(r["rel_error"]) > r["tol"] for r in rows),
         worst_error=max(abs(r["rel_error"]) for r in rows),
         worst_warm_error=max((abs(r["rel_error"]) for r in warm), default=0.0),
         worst_over_bound=abs(worst["rel_error"]) / worst["bound"],
@@ -210,11 +229,12 @@ def settings() -> dict:
         warm_min_iters=S.WARM_MIN_ITERS,
         warm_stop_bound=S.WARM_STOP_BOUND,
         gap_residual_cap=E.GAP_RESIDUAL_CAP,
+        gap_start_shift=E.GAP_START_SHIFT,
         max_basis=S.MAX_BASIS,
     )
 
 
-def run_all(pb, refs, *, verbose: bool = False) -> tuple[list[dict], list[dict]]:
+def run_all(pb, refs, *, verbose: bool = False, label: str = "default") -> tuple[list[dict], list[dict]]:
     rows, table = [], []
     for every in EVERY:
         for tol in TOLS:
@@ -222,13 +242,13 @@ def run_all(pb, refs, *, verbose: bool = False) -> tuple[list[dict], list[dict]]
                 t0 = time.perf_counter()
                 r = replay(pb, refs, every=every, tol=tol, offset=offset, verbose=verbose)
                 for x in r:
-                    x.update(every=every, tol=tol, states=name)
+                    x.update(every=every, tol=tol, states=name, variant=label)
                 rows += r
                 s = summarize(r)
-                s.update(every=every, tol=tol, states=name)
+                s.update(every=every, tol=tol, states=name, variant=label)
                 table.append(s)
                 print(
-                    f"  every {every:3d} tol {tol:g} {name:6s}: {s['measurements']} measurements, worst error "
+                    f"  [{label}] every {every:3d} tol {tol:g} {name:6s}: {s['measurements']} measurements, worst error "
                     f"{s['worst_error']:.1e} ({s['worst_over_bound']:.2f} of its bound, step {s['worst_step']}), "
                     f"{s['out_of_bound']} out of bound; warm HVPs mean {s['warm_mean_hvps']:.1f} max "
                     f"{s['warm_max_hvps']} [{time.perf_counter() - t0:.0f} s]",
@@ -244,9 +264,16 @@ def main() -> dict:
     print(f"{pb.name}: {pb.n_params} params, Adam lr {LR:g} for {STEPS} steps; cache {cache_dir(pb)}", flush=True)
     tr = train(pb)
     refs = references(pb)
-    rows, table = run_all(pb, refs, verbose="--verbose" in sys.argv)
+    rows, table = [], []
+    for label, settings_ in VARIANTS.items():
+        with variant(settings_):
+            r, t = run_all(pb, refs, verbose="--verbose" in sys.argv, label=label)
+        rows += r
+        table += t
     targets = []
     for s in table:
+        if s["variant"] != "default":
+            continue
         targets.append(
             target(
                 f"every {s['every']}, tol {s['tol']:g}, {s['states']} the step: worst error / its bound",
@@ -266,6 +293,8 @@ def main() -> dict:
             ref_tol=REF_TOL,
             references={str(k): v for k, v in sorted(refs.items())},
             settings=settings(),
+            variants={k: {n: str(v) for n, v in d.items()} for k, d in VARIANTS.items()},
+            states=state_steps(),
             table=table,
             rows=rows,
             targets=targets,
