@@ -16,6 +16,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["step_overhead", "hvp", "sharpness", "peers", "end_to_end", "stopping_rules", "start_vectors"]
+#: result files a script writes, where it writes more than its own (stopping_rules runs warm_replay)
+RESULTS = {"stopping_rules": ["stopping_rules", "warm_replay"]}
 
 
 def main(argv: list[str]) -> int:
@@ -34,7 +36,7 @@ def main(argv: list[str]) -> int:
         if rc:
             failed.append(name)
     print(f"\n== targets ({'quick' if quick else 'full'}; {time.perf_counter() - t0:.0f} s) ==")
-    for name in names:
+    for name in [r for n in names for r in RESULTS.get(n, [n])]:
         path = HERE / "results" / (f"{name}-quick.json" if quick else f"{name}.json")
         if name in failed or not path.exists():
             print(f"  [ERROR] {name}: no result")

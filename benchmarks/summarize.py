@@ -29,7 +29,16 @@ def fmt_targets(lines, data, name):
 def main() -> None:
     L = []
     env = None
-    names = ["step_overhead", "hvp", "sharpness", "peers", "end_to_end", "stopping_rules", "start_vectors"]
+    names = [
+        "step_overhead",
+        "hvp",
+        "sharpness",
+        "peers",
+        "end_to_end",
+        "stopping_rules",
+        "warm_replay",
+        "start_vectors",
+    ]
     data = {n: load(n) for n in names}
     for d in data.values():
         if d:
@@ -287,8 +296,31 @@ def main() -> None:
         ]
         for x in r["rows"]:
             rule = x["bound"] + ("" if x["cap"] is None else f" (cap {x['cap']:g})")
+            if x["cap"] is not None and "guard" in x:
+                rule = rule[:-1] + (", no start guard)" if x["guard"] is None else ")")
             L.append(
                 f"| {x['spectrum'][1]:g} | {x['case']} | {rule} | {x['fails']}/{x['solves']} | {x['mean_products']:.1f} |"
+            )
+        L.append("")
+    w = data["warm_replay"]
+    if w:
+        L += [
+            f"**Warm measurements through the edge** (measured {w['environment']['time_utc']}; {w['problem']}, "
+            f"full-batch Adam lr {w['lr']:g} for {w['steps']} steps from the GD state, through the edge and its loss spikes; every "
+            'schedule replayed from the saved states with one warm-start dict, the first measurement cold; "after" = '
+            'the states after steps t ≡ 0 (mod every), "before" = one step later; error against a float64 Lanczos '
+            f'reference at residual {w["ref_tol"]:g}; bound = tol cold, 2·tol warm; "no start guard" = '
+            "`GAP_START_SHIFT` = ∞, the rules before issue 20):",
+            "",
+            "| rules | every | tol | states | measurements | worst error (step) | worst / bound | over tol | out of bound "
+            "| warm HVPs mean / max | HVPs in all |",
+            "|---|---:|---:|---|---:|---|---:|---:|---:|---|---:|",
+        ]
+        for x in w["table"]:
+            L.append(
+                f"| {x['variant']} | {x['every']} | {x['tol']:g} | {x['states']} | {x['measurements']} | "
+                f"{x['worst_error']:.1e} ({x['worst_step']}) | {x['worst_over_bound']:.2f} | {x['over_tol']} | "
+                f"{x['out_of_bound']} | {x['warm_mean_hvps']:.1f} / {x['warm_max_hvps']} | {x['total_hvps']} |"
             )
         L.append("")
     v = data["start_vectors"]

@@ -35,16 +35,27 @@ __all__ = ["SharpnessGroup", "SharpnessReport", "common_threshold", "estimate_sh
 
 #: Relative weight of the previous second Ritz vector in a warm start vector. Eigenvalues near
 #: the edge crowd (λ2/λ1 → 1) and cross; starting with a sizeable component along the old
-#: runner-up lets Lanczos see a crossing instead of locking onto the old top direction.
+#: runner-up lets Lanczos see a crossing instead of locking onto the old top direction. Along
+#: the benchmark run through the edge (benchmarks/warm_replay.py, monitors every 25 and 100
+#: steps, tol 1e-3 and 1e-2) 0.25 let one stop on the runner-up 1.7% low at tol 1e-3, and 1.0
+#: took 9% more products and stopped 1.8% low at tol 1e-2, where 0.5 kept every measurement
+#: within tol. A random vector added to the start (0.3 of its norm, so that Krylov space sees
+#: the whole spectrum) took 7% more products and stopped up to 1.3% low at tol 1e-2: on 656,810
+#: parameters it adds about 1e-3 of any one eigenvector, too little to find a hidden top one.
 WARM_MIX = 0.5
 #: Minimum Lanczos steps of a warm-started solve, for the same reason: a few Krylov steps are
-#: needed before a residual can tell the top eigenpair from a nearby one.
+#: needed before a residual can tell the top eigenpair from a nearby one, and before the gap
+#: rule's start guard (:data:`stableopt.eigen.GAP_START_SHIFT`) can see a stale start climb:
+#: with 2 or 3 the gap rule stopped 5–12% low at tol 1e-2 after loss spikes (quick replay).
 WARM_MIN_ITERS = 4
 #: Lanczos stopping rules of a measurement (see :func:`stableopt.eigen.lanczos`). Cold solves
 #: (random start) stop on the residual, ‖r‖ ≤ tol·|θ|; warm-started solves on the quadratic
 #: estimate ‖r‖²/gap ≤ tol·|θ| ("gap"), which needs fewer Hessian-vector products when the start
-#: is already close to the top eigenvector (benchmarks/sharpness.py measures both rules, cold
-#: and warm, against tight references).
+#: is already close to the top eigenvector, and on the residual when it is not (the top Ritz
+#: value climbed more than ``GAP_START_SHIFT`` after the second step, e.g. after a loss spike).
+#: benchmarks/sharpness.py measures both rules, cold and warm, against tight references, and
+#: benchmarks/warm_replay.py every measurement of monitors every 25 and 100 steps along a run
+#: through the edge.
 STOP_BOUND: Literal["residual", "gap"] = "residual"
 WARM_STOP_BOUND: Literal["residual", "gap"] = "gap"
 #: Most Lanczos vectors a solve holds at once (thick restart beyond that, see

@@ -114,6 +114,50 @@ def test_warm_start_needs_fewer_matvecs_on_a_slowly_changing_matrix():
     assert warm_total < 0.6 * cold_total
 
 
+def _stale_start(U: torch.Tensor, seed: int, top_weight: float = 0.2) -> torch.Tensor:
+    """A start vector like a warm start after a loss spike: most of its weight on eigenvectors
+    5–12 (counted from the top), only a small component along the top one."""
+    n = U.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(n, generator=g, dtype=torch.float64) * 0.05
+    c[-1] *= top_weight
+    c[n - 12 : n - 4] += torch.rand(8, generator=g, dtype=torch.float64)
+    return U @ c
+
+
+def test_gap_rule_does_not_stop_below_the_top_from_a_stale_start():
+    """A warm start gone stale (its Rayleigh quotient far below λ_max, little weight on the top
+    eigenvector) makes the top Ritz value climb for many steps while the runner-up is unresolved,
+    so the gap looks wide. The quadratic estimate must not be trusted then: before
+    GAP_START_SHIFT the gap rule stopped up to 4% below λ_max in 3 of these 40 solves at tol 1e-3."""
+    from stableopt.sharpness import WARM_MIN_ITERS
+
+    n, tol = 200, 1e-3
+    top = torch.tensor([0.96, 0.97, 0.98, 0.99, 1.0], dtype=torch.float64)
+    evals = torch.cat([torch.linspace(-0.1, 0.9, n - 5, dtype=torch.float64), top])
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    A = (U * evals) @ U.T
+    for seed in range(40):
+        v0 = _stale_start(U, seed)
+        res = lanczos(lambda x: A @ x, v0, tol=tol, bound="gap", min_iters=WARM_MIN_ITERS, max_iters=n, max_basis=8)
+        assert res.converged
+        assert abs(float(res.eigenvalues[0]) - 1.0) <= 2 * tol, seed
+
+
+def test_gap_rule_still_stops_early_from_a_good_start():
+    """The safeguard must leave the case the gap rule is for alone: a start close to the top
+    eigenvector stops on the quadratic estimate, earlier than the residual rule."""
+    n, tol = 300, 1e-3
+    A = _matrix(torch.cat([torch.linspace(-1.0, 0.9, n - 2), torch.tensor([0.97, 1.0])]), seed=8)
+    evals, U = torch.linalg.eigh(A)
+    g = torch.Generator().manual_seed(1)
+    v0 = U[:, -1] + 0.5 * U[:, -2] + 0.01 * torch.randn(n, generator=g, dtype=torch.float64)
+    kw = dict(tol=tol, min_iters=4, max_iters=n)
+    gap, residual = lanczos(lambda x: A @ x, v0, bound="gap", **kw), lanczos(lambda x: A @ x, v0, **kw)
+    assert abs(float(gap.eigenvalues[0]) - 1.0) <= tol
+    assert gap.matvecs < residual.matvecs
+
+
 def test_invariant_start_vector_restarts_and_still_finds_the_top():
     A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=torch.float64))
     v0 = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # an eigenvector of a low eigenvalue

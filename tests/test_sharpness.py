@@ -163,6 +163,33 @@ def test_warm_start_uses_fewer_hvps_during_training():
     assert warm_hvps < 0.8 * cold_hvps
 
 
+def test_warm_start_gone_stale_after_a_spike_still_finds_the_top():
+    """After a loss spike the previous measurement's Ritz vectors are no longer near the top
+    eigenvectors (on the benchmark MLP their Rayleigh quotient fell to 0.3–0.95·λ_max): the warm
+    solve must still come within its bound (2·tol) of λ_max instead of stopping on the gap rule
+    on the runner-up while the Ritz value is still climbing (it did, 1% low, in 2 of these 40
+    before the GAP_START_SHIFT safeguard)."""
+    n, tol = 200, 1e-3
+    top = torch.tensor([0.96, 0.97, 0.98, 0.99, 1.0], dtype=torch.float64)
+    evals = torch.cat([torch.linspace(-0.1, 0.9, n - 5, dtype=torch.float64), top])
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    A = (U * evals) @ U.T
+    w = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+    group = stableopt.SharpnessGroup([w], [torch.ones(n, dtype=torch.float64)], threshold=1.0)
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        stale = []
+        for _ in range(2):  # the previous top Ritz vector and runner-up, both stale
+            c = torch.randn(n, generator=g, dtype=torch.float64) * 0.05
+            c[-1] *= 0.2
+            c[n - 12 : n - 4] += torch.rand(8, generator=g, dtype=torch.float64)
+            stale.append(U @ c / (U @ c).norm())
+        warm = {"preconditioned": torch.stack(stale)}
+        rep = stableopt.estimate_sharpness(lambda: 0.5 * w @ (A @ w), [group], tol=tol, warm=warm, hvp="autograd")
+        assert rep.converged
+        assert rep.preconditioned == pytest.approx(1.0, rel=2 * tol), seed
+
+
 def _snapshot(model, opt):
     return (
         [p.detach().clone() for p in model.parameters()],
