@@ -485,4 +485,3 @@ class grads_aside(RestoringContext):  # noqa: N801 - a context manager used like
 
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
         self._restorer = _GradsAside(params)
-

@@ -44,8 +44,9 @@ does). Measurements use it on the final Ritz vectors, so that ``converged`` mean
 for H (``SharpnessReport.hvp_error``); bfloat16 compute cannot deliver 1e-3 and is flagged.
 
 Cost per product: 4 gradients (plus 4 per shortening, a few per measurement at most), plus per
-measurement two per probe of coordinates at the preconditioner's floor, and 6 per
-error check. The errors measured are in ``docs/backends.md``.
+measurement two per probe of coordinates at the preconditioner's floor, and 6 per error check
+(a product along the final Ritz vector, its step adapted to that direction, and the central
+difference at half the step). The errors measured are in ``docs/backends.md``.
 
 **Side effects.** The parameters are written in place (so that any model, compiled or sharded,
 sees the perturbed values through its own code), and after every gradient they are copied back
@@ -311,15 +312,15 @@ def make_fd_hvp(
             return list(vectors)
         return [v if m is None else v * m.to(v.dtype) for v, m in zip(vectors, live)]
 
-    def extrapolated(x: Sequence[Tensor], h: float) -> tuple[list[Tensor], float]:
-        """R(h) = (4·D(h) − D(2h))/3 and t = ‖D(h) − R(h)‖/‖R(h)‖ = ‖D(2h) − D(h)‖/3‖R(h)‖."""
+    def extrapolated(x: Sequence[Tensor], h: float) -> tuple[list[Tensor], float, list[Tensor]]:
+        """R(h) = (4·D(h) − D(2h))/3, t = ‖D(h) − R(h)‖/‖R(h)‖ = ‖D(2h) − D(h)‖/3‖R(h)‖, and D(h)."""
         d1 = central(x, h)
         r = central(x, 2.0 * h)
         diff = norm_sq([b - a for a, b in zip(d1, r)])
         for a, b in zip(d1, r):  # in place: R(h) where D(2h) was
             b.mul_(-1.0 / 3.0).add_(a, alpha=4.0 / 3.0)
         rr = norm_sq(r)
-        return r, (math.sqrt(diff / rr) / 3.0 if rr > 0 else 0.0)
+        return r, (math.sqrt(diff / rr) / 3.0 if rr > 0 else 0.0), d1
 
     def base_step(x: Sequence[Tensor]) -> float:
         """ε₀ for direction x (0 for x = 0, NaN for a non-finite x)."""
@@ -328,19 +329,15 @@ def make_fd_hvp(
             return 0.0 if x_max == 0.0 else math.nan
         return u**FD_EXPONENT * (1.0 + theta_max) / x_max
 
-    def apply(vectors: Sequence[Tensor]) -> list[Tensor | None]:
-        x = masked(vectors)
-        eps0 = base_step(x)
-        if eps0 == 0.0:
-            return [None] * len(params)
-        if math.isnan(eps0):
-            return [torch.full_like(v, math.nan) for v in vectors]
-        best: tuple[float, list[Tensor], float] | None = None
+    def adapted(x: Sequence[Tensor], eps0: float) -> tuple[list[Tensor], float, list[Tensor]]:
+        """R along x at the measurement's step, shortened while t > TRUNCATION_LIMIT; the step
+        used and D at it. The measurement keeps the step for its next products."""
+        best: tuple[float, list[Tensor], float, list[Tensor]] | None = None
         scale, previous = stats.scale, math.inf
         for attempt in range(MAX_SHORTENINGS + 1):
-            r, t = extrapolated(x, eps0 * scale)
+            r, t, d1 = extrapolated(x, eps0 * scale)
             if best is None or t < best[0]:
-                best = (t, r, scale)
+                best = (t, r, scale, d1)
             if t <= TRUNCATION_LIMIT or not math.isfinite(t) or attempt == MAX_SHORTENINGS:
                 break
             if t > 0.5 * previous:  # the shorter step did not pay: rounding dominates
@@ -350,21 +347,30 @@ def make_fd_hvp(
             stats.shortenings += 1
             scale *= min(0.5, max(1.0 / 16.0, math.sqrt(TRUNCATION_TARGET / t)))
         assert best is not None
-        t, r, scale = best
+        t, r, scale, d1 = best
         stats.truncation = max(stats.truncation, t)
         # back towards ε₀ once truncation is far below the limit (rounding shrinks with ε)
         stats.scale = min(1.0, 2.0 * scale) if t < TRUNCATION_TARGET / 16.0 else scale
-        return list(masked(r))
+        return r, eps0 * scale, d1
+
+    def apply(vectors: Sequence[Tensor]) -> list[Tensor | None]:
+        x = masked(vectors)
+        eps0 = base_step(x)
+        if eps0 == 0.0:
+            return [None] * len(params)
+        if math.isnan(eps0):
+            return [torch.full_like(v, math.nan) for v in vectors]
+        return list(masked(adapted(x, eps0)[0]))
 
     def error_pair(vectors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]] | None:
-        """R at the current step and at half of it: their difference estimates R's error."""
+        """R along the vector at a step adapted to it, and at half that step: their difference
+        estimates R's error (two more gradients than a product)."""
         x = masked(vectors)
-        h = base_step(x) * stats.scale
-        if h == 0.0 or math.isnan(h):
+        eps0 = base_step(x)
+        if eps0 == 0.0 or math.isnan(eps0):
             return None
-        d_half, d_one, d_two = central(x, 0.5 * h), central(x, h), central(x, 2.0 * h)
-        coarse = [(4.0 * a - b).div_(3.0) for a, b in zip(d_one, d_two)]
-        fine = [(4.0 * a - b).div_(3.0) for a, b in zip(d_half, d_one)]
+        coarse, h, d_one = adapted(x, eps0)
+        fine = [(4.0 * a - b).div_(3.0) for a, b in zip(central(x, 0.5 * h), d_one)]
         return masked(coarse), masked(fine)
 
     return HVP(params, loss0, 0, apply, samples=samples, backend="fd", stats=stats, _error_pair=error_pair)

@@ -163,7 +163,7 @@ def _mixed_precision(rank: int, results: dict) -> None:
         ref, ref_opt = _unsharded_twin(model, opt, stableopt.Adam, lambda: _Layered().float())
         with stableopt.distributed.local():
             expected = ref_opt.sharpness(
-                lambda: mse(ref(x_all[: WORLD * half].float()), y_all[: WORLD * half].float()),
+                lambda ref=ref: mse(ref(x_all[: WORLD * half].float()), y_all[: WORLD * half].float()),
                 raw=True,
                 tol=1e-6,
                 hvp="autograd",
@@ -339,4 +339,3 @@ def test_a_bf16_mixed_precision_policy_is_flagged_and_a_float32_one_converges(fs
         assert converged and error <= 1e-3 and not any("converged=False" in w for w in warned)
         assert pre == pytest.approx(e_pre, rel=2e-3) and raw == pytest.approx(e_raw, rel=2e-3)
     assert fsdp_results[0]["mixed_precision"]["bf16"][:4] == fsdp_results[1]["mixed_precision"]["bf16"][:4]
-
