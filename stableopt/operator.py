@@ -111,11 +111,15 @@ class ProductCheck:
         coarse: xᵀAx/xᵀx with products at the backend's step.
         fine: the same at half the step (``"fd"``: a quarter of the truncation error).
         residual: ‖A·x − fine·x‖/‖x‖ with the fine products (absolute).
+        spread: ‖A_coarse·x − A_fine·x‖/‖x‖, the two products' difference as vectors (absolute):
+            it bounds how far the products' error can move any eigenvalue near ``fine``, where
+            the quotients' difference can be small by chance (rounding noise orthogonal to x).
     """
 
     coarse: float
     fine: float
     residual: float
+    spread: float = 0.0
 
 
 class CurvatureOperator:
@@ -198,8 +202,9 @@ class CurvatureOperator:
 
         coarse, fine = apply(pair[0]), apply(pair[1])
         rq_coarse, rq_fine = float(m.space.dot(x, coarse)) / xx, float(m.space.dot(x, fine)) / xx
+        spread = float(m.space.norm(coarse.sub_(fine))) / xx**0.5
         residual = float(m.space.norm(fine.sub_(x, alpha=rq_fine))) / xx**0.5
-        return ProductCheck(rq_coarse, rq_fine, residual)
+        return ProductCheck(rq_coarse, rq_fine, residual, spread)
 
     @property
     def loss(self) -> float:
